@@ -1,0 +1,123 @@
+"""Named builders: models, datasets, objectives, optimizers, schedules.
+
+A `Registry` is a dict of builder functions filled by a decorator. Registries are filled by
+explicit imports in their package's `__init__`, and builder bodies import torch lazily, so
+listing or validating names (`ptft models`, `ptft config`) never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from ptft.errors import UserError
+
+Builder = Callable[..., object]
+
+
+class Registry:
+    """A name -> builder mapping with descriptions and helpful errors.
+
+    Args:
+        kind: what the entries are ("model", "dataset", ...), used in messages.
+        entry_point_group: optional packaging entry-point group whose entries are
+            merged in, so users can add builders without editing ptft.
+        allow_import_path: accept `package.module:builder` names that are not registered.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, allow_import_path: bool = False):
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self.allow_import_path = allow_import_path
+        self._builders: dict[str, Builder] = {}
+        self._descriptions: dict[str, str] = {}
+        self._entry_points_loaded = False
+
+    def register(self, name: str | None = None, description: str | None = None) -> Callable[[Builder], Builder]:
+        """Decorator: register a builder under `name` (default: the function's name)."""
+
+        def decorate(builder: Builder) -> Builder:
+            self.add(name or builder.__name__, builder, description)
+            return builder
+
+        return decorate
+
+    def add(self, name: str, builder: Builder, description: str | None = None) -> None:
+        if name in self._builders:
+            raise ValueError(f"duplicate {self.kind} name {name!r}")
+        self._builders[name] = builder
+        doc = inspect.getdoc(builder) or ""
+        self._descriptions[name] = description or (doc.splitlines()[0] if doc else "")
+
+    def __contains__(self, name: str) -> bool:
+        self._load_entry_points()
+        return name in self._builders
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._builders)
+
+    def describe(self) -> dict[str, str]:
+        """Name -> one-line description, sorted by name."""
+        self._load_entry_points()
+        return {name: self._descriptions[name] for name in sorted(self._builders)}
+
+    def get(self, name: str) -> Builder:
+        """The builder registered as `name`; unknown names raise UserError listing close matches."""
+        self._load_entry_points()
+        if name in self._builders:
+            return self._builders[name]
+        if self.allow_import_path and ":" in name:
+            return self._import_builder(name)
+        raise UserError(self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(str(name), self.names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        msg = f"unknown {self.kind} {name!r}{hint} Known: {', '.join(self.names())}"
+        if self.allow_import_path:
+            msg += " (or give 'package.module:builder')"
+        return msg
+
+    def _import_builder(self, path: str) -> Builder:
+        module_name, _, attr = path.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserError(f"{self.kind} {path!r}: cannot import module {module_name!r} ({exc})") from None
+        builder = getattr(module, attr, None)
+        if not callable(builder):
+            raise UserError(f"{self.kind} {path!r}: module {module_name!r} has no callable {attr!r}")
+        return builder
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded or not self.entry_point_group:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name not in self._builders:
+                # Loaded lazily: importing a user's plugin may import torch.
+                self.add(ep.name, _LazyEntryPoint(ep), f"(plugin {ep.value})")
+
+
+class _LazyEntryPoint:
+    """Defers importing a plugin's module until its builder is called."""
+
+    def __init__(self, ep):
+        self._ep = ep
+        self._builder: Builder | None = None
+
+    def load(self) -> Builder:
+        if self._builder is None:
+            self._builder = self._ep.load()
+        return self._builder
+
+    def __call__(self, *args, **kwargs):
+        return self.load()(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.load())

@@ -34,23 +34,34 @@ class Registry:
         self.allow_import_path = allow_import_path
         self._builders: dict[str, Builder] = {}
         self._descriptions: dict[str, str] = {}
+        self._meta: dict[str, dict] = {}
         self._entry_points_loaded = False
 
-    def register(self, name: str | None = None, description: str | None = None) -> Callable[[Builder], Builder]:
-        """Decorator: register a builder under `name` (default: the function's name)."""
+    def register(self, name: str | None = None, description: str | None = None, **meta) -> Callable[[Builder], Builder]:
+        """Decorator: register a builder under `name` (default: the function's name).
+
+        `meta` holds facts about the entry that are needed without building it, such as a
+        model's `kind` ("autoencoder", "classifier", "encoder").
+        """
 
         def decorate(builder: Builder) -> Builder:
-            self.add(name or builder.__name__, builder, description)
+            self.add(name or builder.__name__, builder, description, **meta)
             return builder
 
         return decorate
 
-    def add(self, name: str, builder: Builder, description: str | None = None) -> None:
+    def add(self, name: str, builder: Builder, description: str | None = None, **meta) -> None:
         if name in self._builders:
             raise ValueError(f"duplicate {self.kind} name {name!r}")
         self._builders[name] = builder
         doc = inspect.getdoc(builder) or ""
         self._descriptions[name] = description or (doc.splitlines()[0] if doc else "")
+        self._meta[name] = dict(meta)
+
+    def meta(self, name: str) -> dict:
+        """The facts registered with `name` (empty for import paths and plugins)."""
+        self._load_entry_points()
+        return dict(self._meta.get(name, {}))
 
     def __contains__(self, name: str) -> bool:
         self._load_entry_points()

@@ -1,0 +1,145 @@
+"""The `ptft` command: parse, load the config, call one stage, map errors to exit codes.
+
+Exit codes: 0 success; 2 a problem the user can fix (message on stderr, no traceback);
+1 an internal error (traceback); 130 interrupted after writing a resumable checkpoint.
+stdout carries only the machine-readable result; people's output goes to stderr.
+This module imports neither torch nor torchvision at import time: `ptft --help`,
+`ptft config` and `ptft models` answer without them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ptft.errors import TrainingInterrupted, UserError
+
+app = typer.Typer(
+    name="ptft",
+    help="Pretrain -> finetune -> evaluate for PyTorch. One command per stage, one YAML file each.\n\n"
+    "Example: ptft pretrain configs/ae.yaml && ptft finetune configs/finetune.yaml && ptft evaluate runs/finetune",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+OVERRIDES_HELP = "KEY=VALUE overrides by dotted path, value read as YAML (optim.lr=0.01 model.hidden=[256,128])."
+ConfigArg = typer.Argument(..., help="YAML config file.", show_default=False)
+OverridesArg = typer.Argument(None, help=OVERRIDES_HELP, show_default=False)
+ResumeOpt = typer.Option(False, "--resume", help="Continue the run in run.dir from its last checkpoint, exactly.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the run already in run.dir.")
+DryRunOpt = typer.Option(False, "--dry-run", help="Validate, build data and model, print config and summary; train nothing.")
+
+
+def _command(**kwargs):
+    """`app.command`, with Ctrl-C mapped to exit 130 instead of click's exit 1."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(None) from None
+
+        return app.command(**kwargs)(wrapper)
+
+    return decorate
+
+
+def _train_command(stage: str, config: Path, overrides: Optional[list[str]], resume: bool, overwrite: bool,
+                   dry_run: bool) -> None:
+    from ptft.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    from ptft import stages
+
+    handoff = stages.train(cfg, stage, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    if handoff is not None:
+        print(handoff, flush=True)
+
+
+@_command(epilog="Example: CKPT=$(ptft pretrain configs/ae.yaml train.max_steps=500 | tail -n1)")
+def pretrain(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg, resume: bool = ResumeOpt,
+             overwrite: bool = OverwriteOpt, dry_run: bool = DryRunOpt) -> None:
+    """Pretrain a model (autoencoder, self-supervised or supervised); print the checkpoint to start from."""
+    _train_command("pretrain", config, overrides, resume, overwrite, dry_run)
+
+
+@_command(epilog="Example: ptft finetune configs/finetune.yaml init.checkpoint=runs/ae data.labels_per_class=10")
+def finetune(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg, resume: bool = ResumeOpt,
+             overwrite: bool = OverwriteOpt, dry_run: bool = DryRunOpt) -> None:
+    """Finetune a classifier from init.checkpoint on the labelled subset; print the best checkpoint."""
+    _train_command("finetune", config, overrides, resume, overwrite, dry_run)
+
+
+@_command(epilog="Example: ptft evaluate runs/finetune --split test | jq .accuracy")
+def evaluate(
+    target: str = typer.Argument(..., help="A config file (its run.dir), a run directory or a checkpoint directory.",
+                                 show_default=False),
+    overrides: Optional[list[str]] = OverridesArg,
+    split: str = typer.Option("test", "--split", help="Which split to evaluate: test or val."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write metrics here instead of RUN_DIR/eval/<split>/."),
+) -> None:
+    """Evaluate a run or checkpoint; print one JSON object of metrics."""
+    if split not in ("test", "val"):
+        raise UserError(f"--split: expected 'test' or 'val', got {split!r}")
+    from ptft import evaluation
+
+    metrics = evaluation.evaluate(target, overrides or [], split=split, out=out)
+    print(json.dumps(metrics, sort_keys=True), flush=True)
+
+
+@_command(name="config", epilog="Example: ptft config configs/finetune.yaml optim.lr=0.05")
+def config_command(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Validate a config (with overrides) and print the resolved config as YAML."""
+    from ptft.config import config_to_yaml, load_config
+
+    sys.stdout.write(config_to_yaml(load_config(config, overrides or [])))
+
+
+@_command(epilog="Example: ptft models")
+def models() -> None:
+    """List what the registries hold: models, datasets, objectives, optimizers, schedules."""
+    from ptft.inspection import print_registries
+
+    print_registries()
+
+
+@_command(epilog="Example: ptft inspect runs/finetune")
+def inspect(target: Path = typer.Argument(..., help="A checkpoint directory or a run directory.", show_default=False),
+            as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object on stdout.")) -> None:
+    """Show a checkpoint's step, metrics, config hash, versions and lineage (or a run's checkpoints)."""
+    from ptft.inspection import inspect_target
+
+    inspect_target(target, as_json=as_json)
+
+
+def _report_user_error(exc: UserError) -> int:
+    if os.environ.get("PTFT_DEBUG"):
+        traceback.print_exc()
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def main() -> None:
+    """Entry point of the `ptft` console script and `python -m ptft`."""
+    try:
+        # Typer's standalone mode handles --help and usage errors (exit 2); our own errors
+        # propagate out of it. Ctrl-C inside a command would become click's "Aborted!"
+        # (exit 1), so commands turn it into TrainingInterrupted first (see _command).
+        app()
+    except UserError as exc:
+        sys.exit(_report_user_error(exc))
+    except TrainingInterrupted as exc:
+        where = f" (checkpoint: {exc.checkpoint}); continue with --resume" if exc.checkpoint else ""
+        print(f"interrupted{where}", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,122 @@
+"""Evaluate: a run or checkpoint -> metrics JSON and pictures.
+
+A checkpoint carries its resolved config in meta.json, so evaluating needs nothing but the
+checkpoint (plus optional overrides such as `data.root=...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ptft import checkpoint as ckpt
+from ptft import report
+from ptft.config import Config, load_config, load_config_dict
+from ptft.console import note
+from ptft.data import build_data
+from ptft.data.batches import iterate_eval
+from ptft.errors import UserError
+from ptft.models import MODELS
+from ptft.runtime import configure_backend, resolve_device
+from ptft.stages import build_model
+
+
+def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Path]:
+    """(checkpoint dir, config, run dir) for a config file, a run directory or a checkpoint.
+
+    Raises:
+        UserError: the target is none of these, or holds no checkpoint.
+    """
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"evaluate: '{target}' does not exist (expected a config file, a run directory or a checkpoint)")
+    if path.is_file():
+        run_dir = Path(load_config(path, overrides).run.dir)
+        if not ckpt.run_has_checkpoints(run_dir):
+            raise UserError(f"evaluate: the run of config '{target}' ({run_dir}) has no checkpoint yet; train it first")
+        path = run_dir
+    try:
+        checkpoint = ckpt.resolve_checkpoint(path)
+    except UserError:
+        raise UserError(
+            f"evaluate: '{target}' is neither a config file, a run directory with checkpoints, nor a checkpoint directory"
+        ) from None
+    meta = ckpt.read_meta(checkpoint)
+    cfg = load_config_dict(meta["config"], overrides, source=f"{checkpoint}/meta.json")
+    return checkpoint, cfg, checkpoint.parent.parent
+
+
+@torch.inference_mode()
+def _outputs(module: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs as float, outputs) over a split in large batches."""
+    inputs, outputs = [], []
+    for xb, _ in iterate_eval(x, torch.zeros(len(x), dtype=torch.long, device=x.device), batch_size):
+        inputs.append(xb)
+        outputs.append(module(xb).float())
+    return torch.cat(inputs), torch.cat(outputs)
+
+
+def _classifier_metrics(model, split, data, batch_size: int, out_dir: Path) -> dict:
+    _, logits = _outputs(model, split.x, batch_size)
+    metrics = report.classification_metrics(logits, split.y, data.class_names)
+    picture = out_dir / "confusion_matrix.png"
+    report.save_confusion_matrix_png(metrics["confusion_matrix"], data.class_names, picture,
+                                     title=f"confusion matrix (accuracy {metrics['accuracy']:.3f})")
+    metrics["files"] = {"confusion_matrix": str(picture)}
+    return metrics
+
+
+def _encoder_metrics(model, split, data, batch_size: int, seed: int, out_dir: Path) -> dict:
+    """Reconstruction figures (autoencoders) and the encoder's k-NN / linear-probe accuracy."""
+    metrics: dict = {"num_examples": len(split.x), "files": {}}
+    if hasattr(model, "decoder"):
+        inputs, recon = _outputs(model, split.x, batch_size)
+        metrics.update(report.reconstruction_metrics(inputs, recon))
+        picture = out_dir / "reconstructions.png"
+        report.save_reconstruction_grid_png(inputs, recon, picture)
+        metrics["files"]["reconstructions"] = str(picture)
+    _, train_feats = _outputs(model.encoder, data.labelled.x, batch_size)
+    _, test_feats = _outputs(model.encoder, split.x, batch_size)
+    metrics["knn_accuracy"] = report.knn_accuracy(train_feats, data.labelled.y, test_feats, split.y)
+    metrics["linear_probe_accuracy"] = report.linear_probe_accuracy(train_feats, data.labelled.y, test_feats,
+                                                                    split.y, seed=seed)
+    metrics["probe_train_examples"] = len(data.labelled.x)
+    return metrics
+
+
+def evaluate(target: str, overrides: list[str], *, split: str = "test", out: Path | None = None) -> dict:
+    """Evaluate the best (else last) checkpoint of `target` on a split.
+
+    Returns:
+        The metrics, also written to RUN_DIR/eval/<split>/metrics.json (or `out`).
+    Raises:
+        UserError: bad target, overrides, data or checkpoint.
+    """
+    checkpoint, cfg, run_dir = resolve_target(target, overrides)
+    meta = ckpt.read_meta(checkpoint)
+    device = resolve_device(cfg.train.device)
+    configure_backend(device)
+    data = build_data(cfg.data, device)
+    model = build_model(cfg, data.input_shape, data.num_classes)
+    weights = {k: v for k, v in ckpt.load_weights(checkpoint).items() if not k.startswith("objective.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"evaluate: checkpoint {checkpoint} does not fit model {cfg.model.name!r}: {exc}") from None
+    model.to(device).eval()
+    out_file = Path(out) if out else run_dir / "eval" / split / "metrics.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    chosen = data.test if split == "test" else data.val
+    kind = MODELS.meta(cfg.model.name).get("kind")
+    batch_size = cfg.data.eval_batch_size
+    if kind == "classifier":
+        metrics = _classifier_metrics(model, chosen, data, batch_size, out_file.parent)
+    else:
+        metrics = _encoder_metrics(model, chosen, data, batch_size, cfg.run.seed, out_file.parent)
+    metrics.update(split=split, checkpoint=str(checkpoint), step=meta.get("step"), stage=meta.get("stage"),
+                   model=cfg.model.name, dataset=cfg.data.name, config_hash=meta.get("config_hash"),
+                   lineage=meta.get("lineage", []))
+    report.write_metrics_json(metrics, out_file)
+    note(f"evaluated {checkpoint} on {cfg.data.name}/{split}: metrics in {out_file}")
+    return metrics

@@ -1,0 +1,104 @@
+"""`ptft models` and `ptft inspect`: what the registries hold, what a checkpoint is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from ptft.console import stderr
+from ptft.errors import UserError
+
+
+def registries() -> dict:
+    """Kind -> registry, imported here so that listing them never imports torch."""
+    from ptft.data import DATASETS
+    from ptft.models import MODELS
+    from ptft.objectives import OBJECTIVES
+    from ptft.optim import OPTIMIZERS, SCHEDULES
+
+    return {"models": MODELS, "datasets": DATASETS, "objectives": OBJECTIVES, "optimizers": OPTIMIZERS,
+            "schedules": SCHEDULES}
+
+
+def print_registries() -> None:
+    """One table per registry: name, kind (models), description. Printed to stdout."""
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    for title, registry in registries().items():
+        table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+        table.add_column("name", style="bold")
+        if title == "models":
+            table.add_column("kind")
+        table.add_column("description")
+        for name, description in registry.describe().items():
+            kind = [registry.meta(name).get("kind", "")] if title == "models" else []
+            table.add_row(name, *kind, description)
+        out.print(table)
+        out.print()
+
+
+def _checkpoint_facts(path: Path) -> dict:
+    from ptft import checkpoint as ckpt
+
+    meta = ckpt.read_meta(path)
+    return {
+        "checkpoint": str(path), "step": meta.get("step"), "epoch": meta.get("epoch"), "stage": meta.get("stage"),
+        "metrics": meta.get("metrics", {}), "best": meta.get("best"), "config_hash": meta.get("config_hash"),
+        "model": meta.get("model"), "objective": meta.get("objective"), "data": meta.get("data"),
+        "versions": meta.get("versions"), "hash": ckpt.checkpoint_hash(path),
+        "parent": {k: v for k, v in (meta.get("parent") or {}).items() if k != "report"} or None,
+        "lineage": meta.get("lineage", []),
+    }
+
+
+def inspect_target(target: Path, *, as_json: bool = False) -> dict:
+    """Facts about a checkpoint, or about each checkpoint of a run directory.
+
+    Raises:
+        UserError: the target is neither a run directory nor a checkpoint.
+    """
+    from ptft import checkpoint as ckpt
+
+    target = Path(target)
+    if target.is_dir() and (target / "checkpoints").is_dir():
+        facts = {"run": str(target), "checkpoints": [_checkpoint_facts(p) for p in ckpt.list_checkpoints(target)],
+                 "last": _pointer(target, "last"), "best": _pointer(target, "best")}
+    else:
+        facts = _checkpoint_facts(ckpt.resolve_checkpoint(target))
+    if as_json:
+        print(json.dumps(facts, sort_keys=True))
+    else:
+        _print_facts(facts)
+    return facts
+
+
+def _pointer(run_dir: Path, name: str) -> str | None:
+    pointer = run_dir / "checkpoints" / name
+    return str(pointer.resolve()) if pointer.exists() else None
+
+
+def _print_facts(facts: dict) -> None:
+    if "run" in facts:
+        table = Table(title=f"run {facts['run']}", title_justify="left")
+        for column in ("checkpoint", "step", "metrics", "pointer"):
+            table.add_column(column)
+        for item in facts["checkpoints"]:
+            marks = [n for n in ("last", "best") if facts[n] == str(Path(item["checkpoint"]).resolve())]
+            metrics = "  ".join(f"{k} {v:.4g}" for k, v in item["metrics"].items() if isinstance(v, (int, float)))
+            table.add_row(Path(item["checkpoint"]).name, str(item["step"]), metrics, ", ".join(marks))
+        stderr.print(table)
+        return
+    if not facts.get("checkpoint"):
+        raise UserError("inspect: nothing to show")
+    table = Table(title=f"checkpoint {facts['checkpoint']}", title_justify="left", show_header=False)
+    for key in ("stage", "step", "epoch", "config_hash", "hash"):
+        table.add_row(key, str(facts[key]))
+    table.add_row("model", json.dumps(facts["model"]))
+    table.add_row("metrics", json.dumps(facts["metrics"]))
+    table.add_row("versions", json.dumps(facts["versions"]))
+    for i, ancestor in enumerate(facts["lineage"]):
+        table.add_row(f"lineage[{i}]", f"{ancestor.get('stage')} step {ancestor.get('step')}: {ancestor.get('path')}")
+    stderr.print(table)

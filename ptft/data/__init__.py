@@ -1,0 +1,89 @@
+"""The DATASETS registry and `build_data`, the one entry point stages use.
+
+A builder is `fn(root: Path, download: bool) -> DatasetTensors` (CPU tensors). Builders
+import torch, torchvision and scikit-learn inside their body, and `build_data` is imported
+on first use, so listing datasets never imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ptft.data.tensors import DatasetTensors, DataBundle, TensorSplit
+from ptft.registry import Registry
+
+DATASETS = Registry("dataset")
+
+__all__ = ["DATASETS", "DataBundle", "DatasetTensors", "TensorSplit", "build_data"]
+
+
+def __getattr__(name: str):
+    # build_data needs torch: importing it lazily keeps `import ptft.data` torch-free.
+    if name == "build_data":
+        from ptft.data.bundle import build_data
+
+        return build_data
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@DATASETS.register(description="scikit-learn's 1,797 8x8 handwritten digits (offline; fixed 20% test split)")
+def digits(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_digits()
+
+
+@DATASETS.register(description="10 classes of noisy 8x8 prototypes, 500 train / 200 test (for tests)")
+def synthetic(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.make_synthetic()
+
+
+@DATASETS.register(description="MNIST handwritten digits, 28x28 grey (torchvision)")
+def mnist(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_mnist_family("MNIST", root, download)
+
+
+@DATASETS.register(description="Fashion-MNIST clothing, 28x28 grey (torchvision)")
+def fashion_mnist(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_mnist_family("FashionMNIST", root, download)
+
+
+@DATASETS.register(description="Kuzushiji-MNIST cursive Japanese, 28x28 grey (torchvision)")
+def kmnist(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_mnist_family("KMNIST", root, download)
+
+
+@DATASETS.register(description="CIFAR-10 objects, 32x32 colour (torchvision)")
+def cifar10(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_cifar("CIFAR10", root, download)
+
+
+@DATASETS.register(description="CIFAR-100 objects, 32x32 colour, 100 classes (torchvision)")
+def cifar100(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_cifar("CIFAR100", root, download)
+
+
+@DATASETS.register(description="SVHN house-number digits, 32x32 colour (torchvision)")
+def svhn(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_svhn(root, download)
+
+
+@DATASETS.register(description="STL-10 objects, 96x96 colour, plus 100,000 unlabelled images (torchvision)")
+def stl10(root: Path, download: bool) -> DatasetTensors:
+    from ptft.data import sources
+
+    return sources.load_stl10(root, download)

@@ -1,0 +1,82 @@
+"""Batching by index over tensors that already live on the training device.
+
+A training batch is a pure function of (data, batch size, seed, global step): resuming at
+step s needs nothing but s. Images stay in their stored dtype on the device (uint8 takes a
+quarter of float32's memory) and are converted to float32 in [0, 1] one batch at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 is divided by 255, floating point is cast.
+
+    Raises:
+        TypeError: any other dtype.
+    """
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    if x.is_floating_point():
+        return x.float()
+    raise TypeError(f"images must be uint8 or floating point, got {x.dtype}")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Hashing keeps the per-epoch streams of different seeds apart, and apart from the
+    # engine's per-step noise seeds, which are small arithmetic functions of the same seed.
+    digest = hashlib.sha256(f"ptft-data-order:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class DeviceBatches:
+    """Shuffled training batches addressed by global step.
+
+    Each epoch is a fresh permutation drawn on the CPU (identical on every device) from a
+    generator seeded with (seed, epoch). Batches drop the last partial batch, except when
+    the data is smaller than one batch: then every step is one batch of all of it.
+
+    Args:
+        x: (N, C, H, W) images, uint8 or float, on the training device.
+        y: (N,) int64 labels on the same device.
+        batch_size: examples per batch.
+        seed: seeds the data order (the run seed).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"need as many labels as images, and at least one: got {len(x)} and {len(y)}")
+        self.x, self.y, self.seed = x, y, seed
+        self.batch_size = min(batch_size, len(x))
+        self.steps_per_epoch = len(x) // self.batch_size
+        self._cached_epoch: int | None = None
+        self._permutation: torch.Tensor | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """(N,) int64 example order of `epoch`, on the data's device; one randperm per epoch."""
+        if epoch != self._cached_epoch:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._permutation = torch.randperm(len(self.x), generator=generator).to(self.x.device)
+            self._cached_epoch = epoch
+        return self._permutation
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of global step `step`: x (B, C, H, W) float32 in [0, 1], y (B,) int64."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.batch_size
+        index = self.permutation(epoch)[start:start + self.batch_size]
+        return to_float(self.x[index]), self.y[index]
+
+
+def iterate_eval(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential (x, y) batches over a whole split, the last partial one included.
+
+    x is float32 in [0, 1]; for float data the batches are views into the split, so callers
+    must not modify them in place.
+    """
+    for start in range(0, len(x), batch_size):
+        yield to_float(x[start:start + batch_size]), y[start:start + batch_size]

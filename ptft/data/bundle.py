@@ -1,0 +1,88 @@
+"""`build_data`: a dataset from the registry, split by `data.split_seed`, moved to the device once."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ptft.data import DATASETS
+from ptft.data.splits import label_subset, train_val_split
+from ptft.data.tensors import DataBundle, DatasetTensors, TensorSplit
+from ptft.errors import DataError
+
+
+def build_data(data_cfg, device: torch.device | str) -> DataBundle:
+    """Load `data_cfg.name`, split it and put every split on `device`.
+
+    The validation split and the labelled subset are drawn with `data_cfg.split_seed`, not
+    the run seed, so pretraining and every finetune on top of it see the same examples.
+    Images keep their stored dtype (uint8 stays uint8); batches convert them to float.
+
+    Args:
+        data_cfg: the `data` config section (name, root, download, val_fraction,
+            split_seed, label_fraction, labels_per_class).
+        device: where the tensors live for the whole run.
+
+    Returns:
+        DataBundle with unlabelled / labelled / val / test splits and a fingerprint of them.
+
+    Raises:
+        UserError: unknown dataset name. DataError: missing files, a label budget the data
+            cannot meet, or a validation fraction that leaves no training examples.
+    """
+    name = data_cfg.name
+    tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download)
+    train_idx, val_idx = train_val_split(tensors.train_y, data_cfg.val_fraction, data_cfg.split_seed)
+    if len(train_idx) == 0:
+        raise DataError(f"data.val_fraction: {data_cfg.val_fraction} leaves no training examples of {name}")
+    # Indices into the dataset's train set, (L,) with L <= len(train_idx).
+    labelled_idx = train_idx[label_subset(tensors.train_y[train_idx], label_fraction=data_cfg.label_fraction,
+                                          labels_per_class=data_cfg.labels_per_class, seed=data_cfg.split_seed)]
+    unlabelled = _to_device(*_unlabelled_examples(tensors, train_idx), device)
+    # Without a budget the labelled split is the train split: share its tensors, not a copy.
+    shares_unlabelled = tensors.unlabelled_x is None and torch.equal(labelled_idx, train_idx)
+    return DataBundle(
+        unlabelled=unlabelled,
+        labelled=unlabelled if shares_unlabelled else _to_device(*_examples(tensors, labelled_idx), device),
+        val=_to_device(*_examples(tensors, val_idx), device),
+        test=_to_device(tensors.test_x, tensors.test_y, device),
+        num_classes=tensors.num_classes, class_names=list(tensors.class_names),
+        input_shape=tuple(tensors.train_x.shape[1:]),
+        fingerprint=_fingerprint(name, data_cfg.split_seed, val_idx, labelled_idx),
+    )
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device) -> TensorSplit:
+    return TensorSplit(x.to(device), y.to(device))
+
+
+def _examples(tensors: DatasetTensors, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tensors.train_x[index], tensors.train_y[index]
+
+
+def _unlabelled_examples(tensors: DatasetTensors, train_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train split followed by the dataset's extra unlabelled images (labelled -1), on the CPU."""
+    x, y = _examples(tensors, train_idx)
+    if tensors.unlabelled_x is None:
+        return x, y
+    no_label = torch.full((len(tensors.unlabelled_x),), -1, dtype=torch.long)
+    return torch.cat([x, tensors.unlabelled_x]), torch.cat([y, no_label])
+
+
+def _index_sha256(index: torch.Tensor) -> str:
+    # The set, not the order: sorted int64 little-endian bytes.
+    return hashlib.sha256(index.sort().values.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
+
+
+def _fingerprint(name: str, split_seed: int, val_idx: torch.Tensor, labelled_idx: torch.Tensor) -> dict:
+    """What checkpoints record so a later stage can tell it sees the same examples."""
+    return {
+        "dataset": name,
+        "split_seed": split_seed,
+        "val_size": len(val_idx),
+        "val_sha256": _index_sha256(val_idx),
+        "labelled_size": len(labelled_idx),
+        "labelled_sha256": _index_sha256(labelled_idx),
+    }

@@ -1,0 +1,149 @@
+"""Dataset loaders: whole datasets as CPU tensors, no per-sample Python.
+
+`digits` and `synthetic` need no files. The torchvision datasets are read from
+`data.root` in torchvision's own layout; their files are checked here first, so a missing
+file is one `DataError` naming the folder and the files expected rather than torchvision's
+generic RuntimeError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ptft.data.splits import train_val_split
+from ptft.data.tensors import DatasetTensors
+from ptft.errors import DataError
+
+# digits has no test split of its own: a fixed stratified 20%, independent of any run seed,
+# so every run is compared on the same test images.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 0
+
+SYNTHETIC_SEED = 0
+SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 500, 200
+SYNTHETIC_NOISE = 0.3  # std of the pixel noise around each class prototype (pixels in [0, 1])
+
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte"]
+CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"]
+CIFAR100_FILES = ["train", "test", "meta"]
+SVHN_FILES = ["train_32x32.mat", "test_32x32.mat"]
+STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
+
+
+def load_digits() -> DatasetTensors:
+    """scikit-learn's bundled 1,797 8x8 digits as float32 (N, 1, 8, 8) in [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = torch.from_numpy(bunch.images).float().div_(16).unsqueeze(1)  # pixel values are 0..16
+    y = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = train_val_split(y, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+    return DatasetTensors(x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes=10,
+                          class_names=[str(d) for d in range(10)])
+
+
+def make_synthetic() -> DatasetTensors:
+    """10 classes of 1x8x8 float images: a random prototype per class plus noise. Deterministic."""
+    generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    prototypes = torch.rand(10, 1, 8, 8, generator=generator)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randperm(n, generator=generator) % 10  # balanced classes in random order
+        noise = SYNTHETIC_NOISE * torch.randn(n, 1, 8, 8, generator=generator)
+        return (prototypes[y] + noise).clamp_(0, 1), y
+
+    train_x, train_y = sample(SYNTHETIC_TRAIN_SIZE)
+    test_x, test_y = sample(SYNTHETIC_TEST_SIZE)
+    return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=10,
+                          class_names=[f"class_{c}" for c in range(10)])
+
+
+def require_files(dataset: str, folder: Path, files: list[str], archive: str | None = None) -> None:
+    """Raise a DataError naming `folder` and the files expected unless all of `files` are in it."""
+    missing = [name for name in files if not (folder / name).is_file()]
+    if not missing:
+        return
+    what = f"no {dataset} files" if len(missing) == len(files) else f"{dataset} files missing ({', '.join(missing)})"
+    source = f", as extracted from {archive}" if archive else ""
+    raise DataError(f"data.root: {what} in '{folder}' (expected {', '.join(files)}{source}); "
+                    "set data.download=true or point data.root at a folder holding them")
+
+
+def _images(data) -> torch.Tensor:
+    # SVHN and STL10 keep .data as a transposed (non-contiguous) numpy view (N, C, H, W).
+    return torch.from_numpy(data).contiguous()
+
+
+def read_torchvision(dataset_class: type, folder: Path, root: Path, download: bool, **split):
+    """`dataset_class(root, download=download, **split)`; a failed download or unreadable files become a DataError."""
+    # torchvision checks the MNIST file format with bare asserts, hence AssertionError.
+    try:
+        return dataset_class(root, download=download, **split)
+    except (RuntimeError, OSError, ValueError, AssertionError) as exc:
+        detail = str(exc) or "not in the expected format"
+        raise DataError(f"data.root: cannot read {dataset_class.__name__} files in '{folder}' ({detail}); point "
+                        "data.root at intact files, or delete them and set data.download=true") from None
+
+
+def load_mnist_family(class_name: str, root: Path, download: bool) -> DatasetTensors:
+    """MNIST, FashionMNIST or KMNIST (torchvision class name) from `root/<class_name>/raw`: uint8 (N, 1, 28, 28)."""
+    import torchvision.datasets
+
+    dataset_class = getattr(torchvision.datasets, class_name)
+    folder = root / class_name / "raw"
+    if not download:
+        require_files(class_name, folder, MNIST_FILES)
+    train = read_torchvision(dataset_class, folder, root, download, train=True)
+    test = read_torchvision(dataset_class, folder, root, download, train=False)
+    # .data is uint8 (N, 28, 28) and .targets int64 (N,): taken whole, never per sample.
+    return DatasetTensors(train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long(),
+                          num_classes=len(train.classes), class_names=list(train.classes))
+
+
+def load_cifar(class_name: str, root: Path, download: bool) -> DatasetTensors:
+    """CIFAR10 or CIFAR100 (torchvision class name) from their extracted folder: uint8 (N, 3, 32, 32)."""
+    import torchvision.datasets
+
+    dataset_class = getattr(torchvision.datasets, class_name)
+    folder = root / dataset_class.base_folder
+    if not download:
+        require_files(class_name, folder, CIFAR10_FILES if class_name == "CIFAR10" else CIFAR100_FILES,
+                      archive=dataset_class.filename)
+    train = read_torchvision(dataset_class, folder, root, download, train=True)
+    test = read_torchvision(dataset_class, folder, root, download, train=False)
+
+    def images(data) -> torch.Tensor:  # torchvision keeps CIFAR as numpy (N, H, W, C)
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+
+    return DatasetTensors(images(train.data), torch.tensor(train.targets), images(test.data),
+                          torch.tensor(test.targets), num_classes=len(train.classes), class_names=list(train.classes))
+
+
+def load_svhn(root: Path, download: bool) -> DatasetTensors:
+    """SVHN's train and test splits from `root/{train,test}_32x32.mat`: uint8 (N, 3, 32, 32)."""
+    from torchvision.datasets import SVHN
+
+    if not download:
+        require_files("SVHN", root, SVHN_FILES)
+    train = read_torchvision(SVHN, root, root, download, split="train")
+    test = read_torchvision(SVHN, root, root, download, split="test")
+    return DatasetTensors(_images(train.data), torch.from_numpy(train.labels), _images(test.data),
+                          torch.from_numpy(test.labels), num_classes=10, class_names=[str(d) for d in range(10)])
+
+
+def load_stl10(root: Path, download: bool) -> DatasetTensors:
+    """STL-10 from `root/stl10_binary`: uint8 (N, 3, 96, 96), plus its 100,000 unlabelled images."""
+    from torchvision.datasets import STL10
+
+    folder = root / STL10.base_folder
+    if not download:
+        require_files("STL10", folder, STL10_FILES, archive=STL10.filename)
+    train, test, unlabelled = (read_torchvision(STL10, folder, root, download, split=split)
+                               for split in ("train", "test", "unlabeled"))
+    return DatasetTensors(_images(train.data), torch.from_numpy(train.labels).long(), _images(test.data),
+                          torch.from_numpy(test.labels).long(), num_classes=10, class_names=list(train.classes),
+                          unlabelled_x=_images(unlabelled.data))

@@ -83,7 +83,11 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    # An objective that trains only the encoder leaves the decoder/head without gradients,
+    # which DDP treats as an error unless told to look for unused parameters.
+    unused = getattr(getattr(module, "objective", None), "uses_only_encoder", False)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
 
 
 def any_rank(flag: bool) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from ptft import checkpoint as ckpt
 from ptft.data.batches import DeviceBatches, iterate_eval
-from ptft.errors import NonFiniteLossError, TrainingInterrupted
+from ptft.errors import NonFiniteLossError, TrainingInterrupted, UserError
 from ptft.finetuning import apply_freeze, frozen_patterns, keep_frozen_norms_in_eval
 from ptft.console import MetricsLog, progress_bar
 from ptft.runtime import InterruptFlag, autocast
@@ -48,8 +48,11 @@ class BestTracker:
     bad_evals: int = 0
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
-        value = metrics.get(self.monitor)
-        if value is None or not math.isfinite(value):
+        if self.monitor not in metrics:
+            raise UserError(f"checkpoint.monitor: {self.monitor!r} is not a validation metric of this run; "
+                            f"available: {', '.join(sorted(metrics))}")
+        value = metrics[self.monitor]
+        if not math.isfinite(value):
             self.bad_evals += 1
             return False
         better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)

@@ -12,7 +12,7 @@ import torch
 
 from ptft import checkpoint as ckpt
 from ptft import report
-from ptft.config import Config, load_config, load_config_dict
+from ptft.config import Config, config_from_dict, load_config
 from ptft.console import note
 from ptft.data import build_data
 from ptft.data.batches import iterate_eval
@@ -43,7 +43,7 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Pat
             f"evaluate: '{target}' is neither a config file, a run directory with checkpoints, nor a checkpoint directory"
         ) from None
     meta = ckpt.read_meta(checkpoint)
-    cfg = load_config_dict(meta["config"], overrides, source=f"{checkpoint}/meta.json")
+    cfg = config_from_dict(meta["config"], f"{checkpoint}/meta.json", overrides)
     return checkpoint, cfg, checkpoint.parent.parent
 
 

@@ -131,4 +131,4 @@ class _LazyEntryPoint:
 
     @property
     def __signature__(self):
-        return inspect.signature(self.load())
+        return inspect.signature(self.load(), eval_str=True)

@@ -53,7 +53,7 @@ def load_init_weights(cfg: Config, model: torch.nn.Module) -> dict:
     """Load `init.checkpoint` into a fresh model, print the key report, return lineage facts."""
     source = cfg.init.checkpoint
     state = read_state_dict(source, prefix_map=cfg.init.prefix_map)
-    report = match_into(model, state, load_head=cfg.init.load_head, strict=cfg.init.strict)
+    report = match_into(model, state, load_head=cfg.init.load_head, strict=cfg.init.strict, source=str(source))
     if dist.is_writer():
         print_key_report(report.rows(), source)
     parent = {"path": str(source), "report": report.as_dict()}

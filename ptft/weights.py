@@ -229,7 +229,9 @@ def _check_encoder_loaded(report: KeyReport, state: dict, prefix: str, strict: b
     if not_loaded:
         more = f", ... ({len(not_loaded) - SHOWN_NAMES} more)" if len(not_loaded) > SHOWN_NAMES else ""
         raise CheckpointError(f"{source}: init.strict is true but {len(not_loaded)} {prefix}* key(s) of the model "
-                              f"were not loaded: {', '.join(not_loaded[:SHOWN_NAMES])}{more}")
+                              f"were not loaded: {', '.join(not_loaded[:SHOWN_NAMES])}{more}. Check that model options match the "
+                              f"checkpoint's, map names with init.prefix_map, or set init.strict=false to load "
+                              f"only what matches")
 
 
 def _nothing_loaded_message(report: KeyReport, state: dict, prefix: str, source: str) -> str:

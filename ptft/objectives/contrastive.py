@@ -55,6 +55,8 @@ class Contrastive(nn.Module):
     """
 
     needs_labels = False
+    # Only model.encoder takes part: a decoder or head gets no gradient (DDP must know).
+    uses_only_encoder = True
 
     def __init__(self, in_features: int, augment: Augment, temperature: float, hidden_dim: int, projector_dim: int):
         super().__init__()

@@ -126,6 +126,8 @@ CASES = [
     ("init incompatible architecture", lambda t, e: ["finetune", _finetune(t, t / "r", str(e / "runs" / "ae")),
                                                      "model.name=tiny_conv_classifier"], ["encoder"]),
     ("run dir holds a run", lambda t, e: ["pretrain", e / "ae.yaml"], ["already holds a run", "--resume"]),
+    ("run dir not writable", lambda t, e: ["pretrain", _config(t, _text(t, "a file", "blocker") / "run")],
+     ["run.dir", "not writable"]),
     ("resume without checkpoint", lambda t, e: ["pretrain", _config(t, t / "fresh"), "--resume"],
      ["--resume", "no checkpoint"]),
     ("resume with changed model", lambda t, e: ["pretrain", e / "ae.yaml", "--resume", "model.hidden=[16]"],

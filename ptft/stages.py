@@ -22,6 +22,7 @@ from ptft.data import build_data
 from ptft.data.batches import DeviceBatches
 from ptft.engine import BestTracker, LoopSettings, TrainParts, TrainStep, fit, restore_training_state
 from ptft.errors import UserError
+from ptft.finetuning import frozen_patterns
 from ptft.models import MODELS, summarize
 from ptft.objectives import OBJECTIVES
 from ptft.optim import OPTIMIZERS, SCHEDULES, build_param_groups
@@ -91,7 +92,7 @@ def _meta_base(cfg: Config, stage: str, data, parent: dict | None) -> dict:
         "model": {"name": cfg.model.name, "options": cfg.model.options, "kind": MODELS.meta(cfg.model.name).get("kind")},
         "objective": cfg.objective.name, "data": data.fingerprint,
         "versions": {"ptft": ptft.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "parent": parent, "lineage": parent["lineage"] + [] if parent else [],
+        "parent": parent, "lineage": list(parent["lineage"]) if parent else [],
     }
 
 
@@ -110,13 +111,15 @@ def train(cfg: Config, stage: str, *, resume: bool = False, overwrite: bool = Fa
         check_precision(cfg.train.precision, device)
         configure_backend(device)
         seed_everything(cfg.run.seed)
-        data = build_data(cfg.data, device)
+        data = dist.writer_first(build_data, cfg.data, device)  # a download happens once
         model = build_model(cfg, data.input_shape, data.num_classes)
         objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
         train_split = data.labelled if objective.needs_labels else data.unlabelled
         if dry_run:
-            _print_dry_run(cfg, model, objective, data, train_split)
+            if dist.is_writer():
+                _print_dry_run(cfg, model, objective, data, train_split)
             return None
+        dist.check_global_batch(cfg.data.batch_size, len(train_split.x))
         run_dir = Path(cfg.run.dir)
         resume_from = dist.on_writer(_prepare, run_dir, cfg, resume, overwrite)
         parent = None
@@ -139,8 +142,7 @@ def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resum
     objective.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    batches = dist.shard_batches(
-        DeviceBatches(train_split.x, train_split.y, dist.check_global_batch(cfg.data.batch_size), seed=cfg.run.seed))
+    batches = dist.shard_batches(DeviceBatches(train_split.x, train_split.y, cfg.data.batch_size, seed=cfg.run.seed))
     settings = loop_settings(cfg, batches, stage)
     optimizer = OPTIMIZERS.get(cfg.optim.name)(
         build_param_groups(model, objective, cfg.finetune if stage == "finetune" else None, cfg.optim.lr), cfg.optim)
@@ -152,21 +154,32 @@ def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resum
             child.compile()
     parts = TrainParts(model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
-                       batches=batches, val=data.val, device=device, step_module=dist.wrap(step_module, device))
+                       batches=batches, val=data.val, device=device,
+                       step_module=dist.wrap(step_module, device, find_unused=_leaves_parameters_unused(cfg, stage, objective)))
     tracker = BestTracker(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.train.early_stopping_patience)
     start_step, meta_base, protect = 0, _meta_base(cfg, stage, data, parent), ()
     if resume_from is not None:
         start_step, meta_base = _resume(parts, tracker, resume_from, meta_base)
         protect = (resume_from,)
-        note(f"resuming {run_dir} from step {start_step} ({resume_from.name})")
+        if dist.is_writer():
+            note(f"resuming {run_dir} from step {start_step} ({resume_from.name})")
+    dist.decorrelate_rng(cfg.run.seed, start_step)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_from else None) if dist.is_writer() else None
     result = fit(parts, settings, run_dir, start_step=start_step, tracker=tracker, meta_base=meta_base, log=log,
-                 protect=protect, is_writer=dist.is_writer(), sync_stop=dist.any_rank)
+                 protect=protect)
     handoff = result.best or result.last
     if dist.is_writer():
         note(f"{stage} done at step {result.step}" + (" (early stop)" if result.stopped_early else "")
              + f"; best {tracker.monitor} {tracker.best} at step {tracker.best_step}; next stage starts from {handoff}")
     return handoff
+
+
+def _leaves_parameters_unused(cfg: Config, stage: str, objective) -> bool:
+    """Whether some parameters get no gradient in some steps (DDP must then look for them)."""
+    if getattr(objective, "uses_only_encoder", False):
+        return True
+    # Freezing (linear probe, finetune.freeze) starts at step 0; unfreezing only ends it.
+    return stage == "finetune" and bool(frozen_patterns(cfg.finetune, 0))
 
 
 def _resume(parts: TrainParts, tracker: BestTracker, checkpoint: Path, meta_base: dict) -> tuple[int, dict]:

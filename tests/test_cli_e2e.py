@@ -97,3 +97,13 @@ def test_every_shipped_config_validates(config, ptft):
     result = ptft("config", config)
     assert result.code == 0, result.stderr
     assert yaml.safe_load(result.stdout)["run"]["dir"].startswith("runs/")
+
+
+def test_bf16_accumulation_and_clipping_run_on_cpu(tmp_path, ptft):
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(
+        tmp_path / "run", train={"precision": "bf16", "accumulate": 2, "grad_clip": 0.5, "max_steps": 6,
+                                 "eval_every_steps": 3}))
+    result = ptft("pretrain", config)
+    assert result.code == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 and records[-1]["val/loss"] > 0

@@ -15,13 +15,12 @@ import pydantic
 import pytest
 import yaml
 
-from ptft import config
 from ptft.config import (Config, config_diff, config_from_dict, config_hash, config_to_yaml, load_config,
-                         parse_override)
+                         parse_override, validation)
 from ptft.errors import ConfigError, UserError
 from ptft.registry import Registry
 
-REAL_REGISTRIES = config._registries
+REAL_REGISTRIES = validation.load_registries
 MODELS = Registry("model", allow_import_path=True)
 OBJECTIVES = Registry("objective")
 DATASETS = Registry("dataset")
@@ -83,13 +82,13 @@ for _registry, _names in [(DATASETS, ["digits", "mnist"]), (OPTIMIZERS, ["adam",
     for _name in _names:
         _registry.add(_name, _never_built)
 
-FAKES = config._Registries(MODELS, OBJECTIVES, DATASETS, OPTIMIZERS, SCHEDULES)
+FAKES = validation.Registries(MODELS, OBJECTIVES, DATASETS, OPTIMIZERS, SCHEDULES)
 MINIMAL = {"train": {"max_steps": 5}}
 
 
 @pytest.fixture(autouse=True)
 def fake_registries(monkeypatch):
-    monkeypatch.setattr(config, "_registries", lambda: FAKES)
+    monkeypatch.setattr(validation, "load_registries", lambda: FAKES)
 
 
 def write(path: Path, content: dict | str) -> Path:
@@ -292,6 +291,30 @@ def test_value_problems_name_the_dotted_key_expectation_and_value(tmp_path, sect
     assert problems(write(tmp_path / "c.yaml", with_minimal(**sections))) == [expected]
 
 
+@pytest.mark.parametrize("sections, expected", [
+    ({"data": {"batch_size": True}}, "data.batch_size: expected an integer >= 1, got true"),
+    ({"train": {"max_steps": True}}, "train.max_steps: expected an integer >= 1 or null, got true"),
+    ({"optim": {"lr": True}}, "optim.lr: expected a number > 0, got true"),
+    ({"optim": {"betas": [False, 0.9]}}, "optim.betas: expected a list of 2 numbers in [0, 1), got [false, 0.9]"),
+    ({"model": {"hidden": [True, 8]}}, "model.hidden: expected a list of integers, got [true, 8]"),
+    ({"objective": {"name": "denoising", "std": False}}, "objective.std: expected a number, got false"),
+])
+def test_booleans_are_not_read_as_numbers(tmp_path, sections, expected):
+    # Python's bool is an int, so pydantic's lax mode would read true as 1 and false as 0.0.
+    assert problems(write(tmp_path / "c.yaml", with_minimal(**sections))) == [expected]
+
+
+def test_yaml_1_1_exponents_are_read_as_numbers_and_booleans_stay_booleans(tmp_path):
+    text = ("train:\n  max_steps: 5\n  grad_clip: 1e0\n  compile: true\n"
+            "optim:\n  lr: 1e-3\n  nesterov: false\nobjective:\n  name: denoising\n  std: 5e-2\n")
+    path = write(tmp_path / "c.yaml", text)
+    assert yaml.safe_load(text)["optim"]["lr"] == "1e-3"  # YAML 1.1 wants a dot before the exponent
+    cfg = load_config(path, ["schedule.min_lr_ratio=1e-2", "data.download=true"])
+    assert (cfg.optim.lr, cfg.train.grad_clip, cfg.objective.options["std"], cfg.schedule.min_lr_ratio) == (
+        0.001, 1.0, 0.05, 0.01)
+    assert (cfg.train.compile, cfg.optim.nesterov, cfg.data.download) == (True, False, True)
+
+
 @pytest.mark.parametrize("sections, key, registry, name", [
     ({"model": {"name": "mlp_autoencodr"}}, "model.name", MODELS, "mlp_autoencodr"),
     ({"objective": {"name": "reconstrution"}}, "objective.name", OBJECTIVES, "reconstrution"),
@@ -442,7 +465,7 @@ def test_importing_config_does_not_import_torch():
 def test_real_mlp_autoencoder_options_are_validated(tmp_path, monkeypatch):
     for module in ("ptft.models", "ptft.objectives", "ptft.data", "ptft.optim"):
         pytest.importorskip(module)
-    monkeypatch.setattr(config, "_registries", REAL_REGISTRIES)
+    monkeypatch.setattr(validation, "load_registries", REAL_REGISTRIES)
     path = write(tmp_path / "c.yaml", with_minimal(model={"name": "mlp_autoencoder", "hidden": [32], "latent": 8}))
     cfg = load_config(path)
     assert cfg.model.options["hidden"] == [32] and cfg.model.options["latent"] == 8

@@ -1,0 +1,258 @@
+"""The config schema: one frozen pydantic model per YAML section, and `Config` over them all.
+
+Field docstrings are the descriptions of the README's config reference
+(`scripts/config_reference.py` generates it), so they are written for users.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, field_validator
+from pydantic import model_serializer, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def _conflict(keys: tuple[str, ...], message: str) -> PydanticCustomError:
+    # The keys ride along in ctx so that the message can name every key involved.
+    return PydanticCustomError("conflict", "{message}", {"keys": keys, "message": message})
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError("auto, cpu, cuda, cuda:N or mps")  # read as "expected <this>, got <value>"
+    return value
+
+
+def _bool_became_number(value: object, result: object) -> bool:
+    """Whether validating `value` into `result` turned a true/false, at any depth, into a number."""
+    if isinstance(value, bool):
+        return not isinstance(result, bool)
+    if isinstance(value, (list, tuple)) and isinstance(result, (list, tuple)):
+        return any(map(_bool_became_number, value, result))
+    if isinstance(value, dict) and isinstance(result, dict):
+        return any(map(_bool_became_number, value.values(), result.values()))
+    return False
+
+
+class _NoBoolsAsNumbers(BaseModel):
+    # Lax mode stays, because YAML 1.1 hands `lr: 1e-3` over as the string '1e-3'; but lax mode
+    # would also read `max_steps: true` as 1 and `lr: true` as 1.0, a mistake no one means.
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _refuse_bools_as_numbers(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        result = handler(value)
+        if _bool_became_number(value, result):
+            raise PydanticCustomError("bool_as_number", "true or false where a number is expected")
+        return result
+
+
+class BuilderOptions(_NoBoolsAsNumbers):
+    """Base of the models built from a registry builder's keyword-only parameters."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class _Section(_NoBoolsAsNumbers):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RunSection(_Section):
+    """Where the run writes, and its seed."""
+
+    dir: str = "runs/default"
+    """Output directory of the run (default: runs/<stem of the config file>)."""
+    seed: int = Field(0, ge=0)
+    """Global seed: initialisation, batch order, noise, masks and augmentations."""
+
+
+class DataSection(_Section):
+    """The dataset, its validation split and the labelled subset used for finetuning."""
+
+    name: str = "digits"
+    """Dataset from the DATASETS registry (`ptft models` lists them)."""
+    root: str = "data"
+    """Folder holding the dataset's files."""
+    download: bool = False
+    """Download missing files; otherwise missing files are an error."""
+    batch_size: int = Field(128, ge=1)
+    """Training batch size (global: split across processes under torchrun)."""
+    eval_batch_size: int = Field(1024, ge=1)
+    """Batch size of validation and evaluation."""
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    """Fraction of the dataset's train split held out for validation."""
+    split_seed: int = Field(0, ge=0)
+    """Seed of the validation split and the labelled subset (keep it across stages)."""
+    label_fraction: float | None = Field(None, gt=0, le=1)
+    """Labelled subset: this fraction of the training examples, stratified by class."""
+    labels_per_class: int | None = Field(None, ge=1)
+    """Labelled subset: this many training examples per class."""
+
+    @model_validator(mode="after")
+    def _one_label_budget(self) -> DataSection:
+        if self.label_fraction is not None and self.labels_per_class is not None:
+            raise _conflict(("label_fraction", "labels_per_class"), "set at most one of the two label budgets")
+        return self
+
+
+class _BuilderSection(_Section):
+    name: str
+    options: dict[str, Any] = {}
+    """The builder's keyword-only options, defaults filled in (flat beside `name` in YAML)."""
+
+    @model_serializer
+    def _flat(self) -> dict[str, Any]:
+        # Written as the user writes it: options beside the name, not nested.
+        return {"name": self.name, **self.options}
+
+
+class ModelSection(_BuilderSection):
+    """The model: a MODELS name plus that builder's keyword-only options."""
+
+    name: str = "mlp_autoencoder"
+    """Model from the MODELS registry, or `package.module:builder`."""
+
+
+class ObjectiveSection(_BuilderSection):
+    """The training loss: an OBJECTIVES name plus that builder's keyword-only options."""
+
+    name: str = "auto"
+    """Objective from OBJECTIVES; auto: reconstruction for autoencoders, supervised for classifiers."""
+
+
+class InitSection(_Section):
+    """Weights to start from (finetuning)."""
+
+    checkpoint: str | None = None
+    """Checkpoint directory, run directory or foreign weights file; null trains from scratch."""
+    strict: bool = True
+    """Fail unless every encoder key of the model is loaded; false loads what matches and reports the rest."""
+    prefix_map: dict[str, str] = {}
+    """Renames of foreign key prefixes, e.g. {'backbone.': 'encoder.'}."""
+    load_head: bool = False
+    """Also load the head's weights when their shapes match (same classes)."""
+
+
+class FinetuneSection(_Section):
+    """What trains during finetuning."""
+
+    mode: Literal["full", "linear_probe"] = "full"
+    """full: train all but `freeze`; linear_probe: freeze the encoder, train the head."""
+    freeze: list[str] = []
+    """Parameter name patterns (fnmatch) to freeze, e.g. 'encoder.*'."""
+    unfreeze_at_step: int | None = Field(None, ge=1)
+    """Unfreeze everything from this step on (gradual unfreezing)."""
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate of the head (default: optim.lr)."""
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise lr decay: encoder layer l of L trains at lr * layer_decay ** (L - l)."""
+
+    @model_validator(mode="after")
+    def _consistent_freezing(self) -> FinetuneSection:
+        if self.mode == "linear_probe" and self.freeze:
+            raise _conflict(("mode", "freeze"), "linear_probe already freezes the whole encoder; leave freeze empty")
+        if self.unfreeze_at_step is not None and self.mode == "full" and not self.freeze:
+            raise _conflict(("unfreeze_at_step", "freeze"),
+                            "nothing is frozen to unfreeze (mode full, freeze empty); set freeze or mode linear_probe")
+        return self
+
+
+_Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class OptimSection(_Section):
+    """The optimizer."""
+
+    name: str = "adam"
+    """Optimizer from the OPTIMIZERS registry: sgd, adam, adamw."""
+    lr: float = Field(1e-3, gt=0)
+    """Base learning rate (after warmup)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (L2 for sgd and adam, decoupled for adamw)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD: Nesterov momentum."""
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
+    """Adam and AdamW: decay rates of the gradient's first and second moments."""
+
+
+class ScheduleSection(_Section):
+    """The learning-rate schedule, per optimizer step."""
+
+    name: str = "constant"
+    """Schedule from the SCHEDULES registry: constant, cosine, step."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from lr / warmup_steps to lr."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """cosine: final lr as a fraction of lr."""
+    step_size: int = Field(1000, ge=1)
+    """step: steps between decays."""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """step: factor applied to the lr every step_size steps."""
+
+
+class TrainSection(_Section):
+    """The training loop."""
+
+    epochs: int | None = Field(None, ge=1)
+    """Length in passes over the training data (set this or max_steps)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Length in optimizer steps (set this or epochs)."""
+    device: Annotated[str, AfterValidator(_device)] = "auto"
+    """auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; fp16 also scales the loss."""
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the gradients' global norm to this value."""
+    accumulate: int = Field(1, ge=1)
+    """Batches whose gradients add up to one optimizer step."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    eval_every_steps: int | None = Field(None, ge=1)
+    """Validate every this many steps (default: once per epoch) and at the end."""
+    log_every_steps: int = Field(50, ge=1)
+    """Log the training loss every this many steps."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a new best checkpoint.monitor."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSection:
+        if (self.epochs is None) == (self.max_steps is None):
+            got = "neither" if self.epochs is None else "both"
+            raise _conflict(("epochs", "max_steps"), f"set exactly one of the two; got {got}")
+        return self
+
+
+class CheckpointSection(_Section):
+    """When checkpoints are saved and which one is best."""
+
+    every_steps: int | None = Field(None, ge=1)
+    """Save every this many steps (default: at every evaluation)."""
+    keep_last: int = Field(2, ge=1)
+    """Step checkpoints kept besides best."""
+    monitor: str = "val/loss"
+    """Validation metric that decides the best checkpoint."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a smaller or a larger monitor value is better."""
+
+
+class Config(BaseModel):
+    """A validated, resolved config; build changed copies with `model_copy(update=...)`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: RunSection
+    data: DataSection
+    model: ModelSection
+    objective: ObjectiveSection
+    init: InitSection
+    finetune: FinetuneSection
+    optim: OptimSection
+    schedule: ScheduleSection
+    train: TrainSection
+    checkpoint: CheckpointSection
+
+
+BUILDER_SECTIONS: dict[str, type[_BuilderSection]] = {"model": ModelSection, "objective": ObjectiveSection}

@@ -60,10 +60,10 @@ def _train_command(stage: str, config: Path, overrides: Optional[list[str]], res
     from ptft.config import load_config
 
     cfg = load_config(config, overrides or [])
-    from ptft import stages
+    from ptft import distributed, stages
 
     handoff = stages.train(cfg, stage, resume=resume, overwrite=overwrite, dry_run=dry_run)
-    if handoff is not None:
+    if handoff is not None and distributed.is_writer():  # under torchrun: one line, from rank 0
         print(handoff, flush=True)
 
 
@@ -92,10 +92,11 @@ def evaluate(
     """Evaluate a run or checkpoint; print one JSON object of metrics."""
     if split not in ("test", "val"):
         raise UserError(f"--split: expected 'test' or 'val', got {split!r}")
-    from ptft import evaluation
+    from ptft import distributed, evaluation
 
     metrics = evaluation.evaluate(target, overrides or [], split=split, out=out)
-    print(json.dumps(metrics, sort_keys=True), flush=True)
+    if distributed.is_writer():
+        print(json.dumps(metrics, sort_keys=True), flush=True)
 
 
 @_command(name="config", epilog="Example: ptft config configs/finetune.yaml optim.lr=0.05")

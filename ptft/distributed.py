@@ -1,18 +1,33 @@
-"""The same commands under torchrun: process group, DDP wrapping, rank-0 writes.
+"""The same commands under torchrun: process group, DDP wrapping, batch sharding, rank-0 writes.
 
-Without torchrun's environment every function here is the single-process identity, so
-the rest of ptft never branches on whether it is distributed.
+Without torchrun's environment every function here is the single-process identity, so the
+rest of ptft calls them unconditionally and never branches on whether it is distributed.
+
+Invariants that keep ranks from diverging or hanging: every rank reaches the same
+collectives in the same order (saves, checks and stop decisions happen at the same steps),
+and every decision that could differ between ranks (non-finite loss, interrupt, early stop,
+validation metrics) is taken once for all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 import torch
 import torch.distributed as tdist
 
+from ptft.data.batches import DeviceBatches, to_float
 from ptft.errors import UserError
+
+# Stands for "no step" in `earliest`: larger than any step a run takes.
+_NO_STEP = 2**62
+
+# Where the loop's yes/no decisions are exchanged: a gloo group on the CPU even when
+# gradients go over NCCL, so the per-step interrupt check never waits for the GPU.
+# None means the default group (already gloo on CPUs).
+_control_group = None
 
 
 def world_size() -> int:
@@ -28,92 +43,189 @@ def is_distributed() -> bool:
 
 
 def is_writer() -> bool:
-    """Only rank 0 writes files and prints: one run directory, one progress bar."""
+    """Only rank 0 writes files and prints: one run directory, one progress bar, one stdout."""
     return rank() == 0
 
 
 @contextlib.contextmanager
 def session(device_spec: str):
-    """Initialise the process group when torchrun started us; yield this rank's device spec."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); yield this rank's device spec.
+
+    Raises:
+        UserError: `train.device` names something one process per GPU cannot use.
+    """
     if not is_distributed():
         yield device_spec
         return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_spec in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device_spec = f"cuda:{local_rank}"
-    elif device_spec == "auto":
-        device_spec = "cpu"
-    tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    global _control_group
+    device_spec = _rank_device(device_spec)
+    on_gpus = device_spec.startswith("cuda")
+    tdist.init_process_group(backend="nccl" if on_gpus else "gloo")
+    _control_group = tdist.new_group(backend="gloo") if on_gpus else None
     try:
         yield device_spec
     finally:
+        _control_group = None
         tdist.destroy_process_group()
 
 
-def check_global_batch(global_batch: int) -> int:
-    """`data.batch_size` is the global batch; each rank takes an equal slice of it."""
-    if global_batch % world_size():
-        raise UserError(f"data.batch_size: {global_batch} does not split evenly over {world_size()} processes")
-    return global_batch
+def _rank_device(spec: str) -> str:
+    """Each process of a node takes the GPU of its local rank; CPU processes share the CPU."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if spec not in ("auto", "cuda"):
+        raise UserError(f"train.device: {spec!r} under torchrun; use 'auto', 'cuda' or 'cpu' "
+                        f"(each process takes cuda:LOCAL_RANK)")
+    if not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' requested but CUDA is not available here; use 'auto' or 'cpu'")
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise UserError(f"torchrun started more processes on this node than it has GPUs ({gpus}); "
+                        f"pass --nproc_per_node={gpus} or less")
+    torch.cuda.set_device(local_rank)
+    return f"cuda:{local_rank}"
+
+
+def check_global_batch(batch_size: int, examples: int) -> None:
+    """`data.batch_size` is the global batch; it must split into equal per-rank slices.
+
+    Raises:
+        UserError: the batch (or the whole split, when smaller) is not a multiple of the world size.
+    """
+    batch = min(batch_size, examples)
+    if batch % world_size():
+        whole = f" (the whole training split of {examples} examples)" if batch < batch_size else ""
+        raise UserError(f"data.batch_size: the global batch of {batch} examples{whole} does not split evenly "
+                        f"over {world_size()} processes; use a multiple of {world_size()}")
 
 
 class ShardedBatches:
-    """Each rank's slice of the same global batch (same seeded permutation on every rank)."""
+    """This rank's slice of each global batch: the same seeded permutation on every rank.
 
-    def __init__(self, batches, rank_: int, world: int):
-        self._batches, self._rank, self._world = batches, rank_, world
+    Rank r takes positions [r * b, (r + 1) * b) of the global batch, b = batch_size / world,
+    so the ranks together see exactly the batch a single process would.
+    """
+
+    def __init__(self, batches: DeviceBatches, rank_: int, world: int):
+        if batches.batch_size % world:
+            raise ValueError(f"global batch {batches.batch_size} does not split over {world} processes")
+        self._batches = batches
+        self._offset = rank_ * (batches.batch_size // world)
+        self.local_batch_size = batches.batch_size // world
         self.steps_per_epoch = batches.steps_per_epoch
 
-    def batch(self, step: int):
-        x, y = self._batches.batch(step)
-        size = len(x) // self._world
-        start = self._rank * size
-        return x[start:start + size], y[start:start + size]
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of this rank at global step `step`: x (b, C, H, W) float32 in [0, 1], y (b,)."""
+        source = self._batches
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * source.batch_size + self._offset
+        index = source.permutation(epoch)[start:start + self.local_batch_size]
+        return to_float(source.x[index]), source.y[index]
 
 
-def shard_batches(batches):
+def shard_batches(batches: DeviceBatches):
     return ShardedBatches(batches, rank(), world_size()) if is_distributed() else batches
 
 
-def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around the train step when distributed, else the module itself."""
+def wrap(module: torch.nn.Module, device: torch.device, *, find_unused: bool) -> torch.nn.Module:
+    """DistributedDataParallel around the train step when distributed, else the module itself.
+
+    `find_unused`: some parameters get no gradient in some steps (an objective that trains only
+    the encoder, frozen parameters); DDP must then look for them instead of waiting forever.
+    """
     if not is_distributed():
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    # An objective that trains only the encoder leaves the decoder/head without gradients,
-    # which DDP treats as an error unless told to look for unused parameters.
-    unused = getattr(getattr(module, "objective", None), "uses_only_encoder", False)
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=unused)
+                                   find_unused_parameters=find_unused)
+
+
+def sync_gradients(module: torch.nn.Module, sync: bool):
+    """Context for one backward: skip DDP's all-reduce on all but the last accumulated micro-batch."""
+    if sync or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def decorrelate_rng(seed: int, step: int) -> None:
+    """Give every rank but 0 its own torch RNG stream (dropout), a function of (seed, rank, step).
+
+    Rank 0 keeps the stream a single process has; the others would otherwise draw the same
+    dropout masks for their slice as rank 0 draws for its own.
+    """
+    if rank() == 0:
+        return
+    digest = hashlib.sha256(f"ptft-rank-rng:{seed}:{rank()}:{step}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _all_reduce_int(value: int, op) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64)
+    tdist.all_reduce(tensor, op=op, group=_control_group)
+    return int(tensor.item())
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when any rank says so: all stop together, none hangs."""
     if not is_distributed():
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if tdist.get_backend() == "nccl":
-        value = value.cuda()
-    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(_all_reduce_int(int(flag), tdist.ReduceOp.MAX))
+
+
+def earliest(step: int) -> int:
+    """The smallest non-negative `step` over ranks, or -1 when every rank says -1."""
+    if not is_distributed():
+        return step
+    value = _all_reduce_int(step if step >= 0 else _NO_STEP, tdist.ReduceOp.MIN)
+    return -1 if value == _NO_STEP else value
+
+
+def average(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a 0-dim tensor on the training device over ranks (a copy): slice means -> batch mean."""
+    if not is_distributed():
+        return value
+    total = value.detach().clone()
+    tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
+    return total / world_size()
 
 
 def on_writer(fn, *args, **kwargs):
-    """Run fn on rank 0 only and hand its result (or its user error) to every rank."""
+    """Run fn on rank 0 only and hand its result, or its error, to every rank.
+
+    Also a barrier: no rank goes on before rank 0 has finished (a checkpoint is complete
+    before any rank may read it or exit).
+
+    Raises:
+        UserError: fn raised one on rank 0 (the same message on every rank).
+        RuntimeError: fn failed otherwise on rank 0 (other ranks; rank 0 re-raises the original).
+    """
     if not is_distributed():
         return fn(*args, **kwargs)
-    payload = [None]
+    payload: list = [None]
+    failure = None
     if is_writer():
         try:
             payload = [("ok", fn(*args, **kwargs))]
-        except UserError as exc:
-            payload = [("error", str(exc))]
-    tdist.broadcast_object_list(payload, src=0)
+        except Exception as exc:  # every rank must learn of it, or the others wait forever
+            failure = exc
+            payload = [("user" if isinstance(exc, UserError) else "crash", str(exc))]
+    tdist.broadcast_object_list(payload, src=0, group=_control_group)
     status, value = payload[0]
-    if status == "error":
+    if failure is not None:
+        raise failure
+    if status == "user":
         raise UserError(value)
+    if status == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
     return value
 
+
+def writer_first(fn, *args, **kwargs):
+    """Run fn on rank 0, then on the other ranks: downloads and caches happen once."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    # Rank 0's result stays local (data tensors are not sent); the broadcast only says it is done.
+    done: list = []
+    on_writer(lambda: done.append(fn(*args, **kwargs)))
+    return done[0] if is_writer() else fn(*args, **kwargs)

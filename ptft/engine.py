@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ptft import checkpoint as ckpt
+from ptft import distributed as dist
 from ptft.data.batches import DeviceBatches, iterate_eval
 from ptft.errors import NonFiniteLossError, TrainingInterrupted, UserError
 from ptft.finetuning import apply_freeze, frozen_patterns, keep_frozen_norms_in_eval
@@ -111,9 +112,13 @@ class TrainStep(torch.nn.Module):
         return self.objective(self.model, x, y, generator)
 
 
-def step_seed(run_seed: int, step: int, micro: int) -> int:
-    """Seed of the per-step generator (noise, masks, augmentations): a function of the step alone."""
-    return (run_seed * 1_000_003 + step * 64 + micro) % (2**63)
+def step_seed(run_seed: int, step: int, micro: int, rank: int = 0) -> int:
+    """Seed of the per-step generator (noise, masks, augmentations): a function of the step alone.
+
+    Under DDP each rank draws its own noise for its own slice of the batch; rank 0 draws
+    what a single process draws.
+    """
+    return (run_seed * 1_000_003 + step * 64 + micro + rank * 2**40) % (2**63)
 
 
 def run_weights(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -153,10 +158,11 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int) -> tor
         x, y = parts.batches.batch(step * settings.accumulate + micro)
         if parts.device.type == "cuda" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        generator.manual_seed(step_seed(settings.seed, step, micro))
-        with autocast(settings.precision, parts.device):
-            loss, _ = parts.step_module(x, y, generator)
-        parts.scaler.scale(loss / settings.accumulate).backward()
+        generator.manual_seed(step_seed(settings.seed, step, micro, dist.rank()))
+        with dist.sync_gradients(parts.step_module, sync=micro == settings.accumulate - 1):
+            with autocast(settings.precision, parts.device):
+                loss, _ = parts.step_module(x, y, generator)
+            parts.scaler.scale(loss / settings.accumulate).backward()
         total += loss.detach().float()
     if settings.grad_clip is not None:
         parts.scaler.unscale_(parts.optimizer)
@@ -172,10 +178,9 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int) -> tor
 class _Loop:
     """State of one `fit` call; split out so each piece of the loop reads on its own."""
 
-    def __init__(self, parts, settings, run_dir, tracker, meta_base, log, protect, is_writer):
+    def __init__(self, parts, settings, run_dir, tracker, meta_base, log, protect):
         self.parts, self.settings, self.run_dir = parts, settings, Path(run_dir)
-        self.tracker, self.meta_base, self.log = tracker, meta_base, log
-        self.protect, self.is_writer = protect, is_writer
+        self.tracker, self.meta_base, self.log, self.protect = tracker, meta_base, log, protect
         # First step whose loss was not finite, kept on the device so no step forces a sync.
         self.bad_step = torch.full((), -1, dtype=torch.long, device=parts.device)
         self.loss_sum = torch.zeros((), device=parts.device)
@@ -191,7 +196,8 @@ class _Loop:
         self.loss_count += 1
 
     def check_finite(self) -> None:
-        bad = int(self.bad_step.item())
+        # Every rank checks at the same steps and all stop together, whichever rank saw it.
+        bad = dist.earliest(int(self.bad_step.item()))
         if bad >= 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad + 1}; stopped without saving these weights "
@@ -210,15 +216,21 @@ class _Loop:
         self.check_finite()
         record = {"step": step, "epoch": round(epoch, 4), "lr": self.parts.optimizer.param_groups[0]["lr"]}
         if self.loss_count:
-            record["train/loss"] = (self.loss_sum / self.loss_count).item()
+            # Each rank's mean over its slice; their average is the global batch's mean.
+            record["train/loss"] = dist.average(self.loss_sum / self.loss_count).item()
         self.loss_sum.zero_()
         self.loss_count = 0
         return record
 
-    def save(self, step: int, epoch: float, metrics: dict, best: bool) -> Path | None:
+    def save(self, step: int, epoch: float, metrics: dict, best: bool) -> Path:
         self.check_finite()
-        if not self.is_writer:
-            return None
+        # Rank 0 writes; every rank waits for it and learns the path, so no rank reads a
+        # partial checkpoint or exits (and has torchrun stop rank 0) while it is written.
+        path = dist.on_writer(self._write, step, epoch, metrics, best)
+        self.last_saved, self.last_saved_step = path, step
+        return path
+
+    def _write(self, step: int, epoch: float, metrics: dict, best: bool) -> Path:
         parts = self.parts
         state = {
             "step": step,
@@ -232,37 +244,33 @@ class _Loop:
         }
         meta = {**self.meta_base, "step": step, "epoch": round(epoch, 4), "metrics": metrics,
                 "best": {"monitor": self.tracker.monitor, "value": self.tracker.best, "step": self.tracker.best_step}}
-        path = ckpt.save_checkpoint(self.run_dir, step, run_weights(parts.model, parts.objective), state, meta,
+        return ckpt.save_checkpoint(self.run_dir, step, run_weights(parts.model, parts.objective), state, meta,
                                     best=best, keep_last=self.settings.keep_last, protect=self.protect)
-        self.last_saved, self.last_saved_step = path, step
-        return path
 
 
 def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step: int, tracker: BestTracker,
-        meta_base: dict, log: MetricsLog | None, protect: tuple[Path, ...] = (), is_writer: bool = True,
-        sync_stop=lambda flag: flag) -> FitResult:
+        meta_base: dict, log: MetricsLog | None, protect: tuple[Path, ...] = ()) -> FitResult:
     """Train from `start_step` to `settings.total_steps`, validating and checkpointing on schedule.
 
     Args:
         parts: model, objective, optimizer, scheduler, scaler, batches and validation split.
         settings: step counts and loop options.
-        run_dir: where checkpoints go (only when `is_writer`).
+        run_dir: where checkpoints go (written by rank 0 only under torchrun).
         start_step: 0 for a new run, the checkpoint's step when resuming.
         tracker: best-metric / early-stopping state (restored when resuming).
         meta_base: facts every checkpoint's meta.json carries (config hash, lineage, ...).
         log: metrics.jsonl writer, or None on non-writing ranks.
         protect: checkpoints pruning must keep (the one a run resumed from).
-        sync_stop: combines a local stop flag across processes (identity without DDP).
     Returns:
         FitResult with the final step and the last / best checkpoint paths.
     Raises:
         NonFiniteLossError: a loss was NaN or infinite.
         TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
     """
-    loop = _Loop(parts, settings, run_dir, tracker, meta_base, log, protect, is_writer)
+    loop = _Loop(parts, settings, run_dir, tracker, meta_base, log, protect)
     steps_per_epoch = max(1, parts.batches.steps_per_epoch // settings.accumulate)
     step, stopped_early, metrics = start_step, False, {}
-    with InterruptFlag() as interrupt, progress_bar(settings.total_steps, start_step, enabled=is_writer) as bar:
+    with InterruptFlag() as interrupt, progress_bar(settings.total_steps, start_step, enabled=dist.is_writer()) as bar:
         while step < settings.total_steps:
             loop.refresh_freeze(step)
             _train_mode(parts)
@@ -273,7 +281,9 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step:
             evaluated = step % settings.eval_every == 0 or step == settings.total_steps
             improved = False
             if evaluated:
-                metrics = evaluate_objective(parts, parts.val, settings)
+                # Rank 0's figures (its weights and buffers are the ones saved) for every rank,
+                # so best/early-stop decisions agree; equal to a single process's figures.
+                metrics = dist.on_writer(evaluate_objective, parts, parts.val, settings)
                 improved = tracker.update(metrics, step)
                 record = {**(record or loop.log_train(step, epoch)), **metrics}
             if record is not None and log is not None:
@@ -283,11 +293,11 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step:
             if improved or (evaluated and settings.save_every is None) or periodic or step == settings.total_steps:
                 loop.save(step, epoch, metrics if evaluated else {}, best=improved)
             bar.advance(step)
-            if sync_stop(interrupt.raised):
+            if dist.any_rank(interrupt.raised):
                 if loop.last_saved_step != step:
                     loop.save(step, epoch, {}, best=False)
                 raise TrainingInterrupted(str(loop.last_saved) if loop.last_saved else None)
-            if evaluated and sync_stop(tracker.should_stop):
+            if evaluated and dist.any_rank(tracker.should_stop):
                 stopped_early = True
                 if loop.last_saved_step != step:
                     loop.save(step, epoch, metrics, best=False)

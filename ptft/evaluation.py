@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ptft import checkpoint as ckpt
+from ptft import distributed as dist
 from ptft import report
 from ptft.config import Config, config_from_dict, load_config
 from ptft.console import note
@@ -94,8 +95,15 @@ def evaluate(target: str, overrides: list[str], *, split: str = "test", out: Pat
         UserError: bad target, overrides, data or checkpoint.
     """
     checkpoint, cfg, run_dir = resolve_target(target, overrides)
+    # Under torchrun rank 0 evaluates and writes; every rank returns its figures.
+    with dist.session(cfg.train.device) as device_spec:
+        return dist.on_writer(_evaluate_checkpoint, checkpoint, cfg, run_dir, device_spec, split, out)
+
+
+def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_spec: str, split: str,
+                         out: Path | None) -> dict:
     meta = ckpt.read_meta(checkpoint)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(device_spec)
     configure_backend(device)
     data = build_data(cfg.data, device)
     model = build_model(cfg, data.input_shape, data.num_classes)

@@ -147,15 +147,15 @@ def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resum
     optimizer = OPTIMIZERS.get(cfg.optim.name)(
         build_param_groups(model, objective, cfg.finetune if stage == "finetune" else None, cfg.optim.lr), cfg.optim)
     scheduler = SCHEDULES.get(cfg.schedule.name)(optimizer, cfg.schedule, settings.total_steps)
-    step_module = TrainStep(model, objective)
     if cfg.train.compile:
         # Compile the children in place: state-dict keys stay free of `_orig_mod.`.
         for child in model.children():
             child.compile()
+    step_module = dist.wrap(TrainStep(model, objective), device,
+                            find_unused=_leaves_parameters_unused(cfg, stage, objective))
     parts = TrainParts(model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
-                       batches=batches, val=data.val, device=device,
-                       step_module=dist.wrap(step_module, device, find_unused=_leaves_parameters_unused(cfg, stage, objective)))
+                       batches=batches, val=data.val, device=device, step_module=step_module)
     tracker = BestTracker(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.train.early_stopping_patience)
     start_step, meta_base, protect = 0, _meta_base(cfg, stage, data, parent), ()
     if resume_from is not None:

@@ -335,15 +335,17 @@ def checkpoint_hash(ckpt: Path | str) -> str:
 
 
 def capture_rng_state() -> dict:
-    """Global RNG states of torch (CPU and every CUDA device), python `random` and numpy.
+    """Global RNG states of torch (CPU and this process's CUDA device), python `random` and numpy.
 
     Held as tensors, lists and numbers only, so state.pt loads with `weights_only=True`.
+    Only the current CUDA device, and only once CUDA is in use: touching every GPU from
+    every DDP rank would create a context (and waste memory) on each of them.
     """
     version, internal, gauss_next = random.getstate()
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # keys: (624,) uint32
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "python": [version, list(internal), gauss_next],
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
@@ -351,11 +353,10 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
-    """Undo `capture_rng_state`; CUDA states are restored for the devices present now."""
+    """Undo `capture_rng_state`; the CUDA state goes to this process's current device."""
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0])
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     saved = state["numpy"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ptft.errors import UserError
 from ptft.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -94,10 +95,14 @@ def build_param_groups(model, objective, finetune_cfg, lr: float) -> list[dict]:
         lr: the base learning rate.
     Returns:
         A list of dicts for a torch optimizer, each with `params`, `lr` and `name`.
+    Raises:
+        UserError: layer_decay is set but the model's encoder does not say which layer a parameter is in.
     """
     head_lr = getattr(finetune_cfg, "head_lr", None) or lr
     decay = getattr(finetune_cfg, "layer_decay", None)
     encoder = getattr(model, "encoder", None)
+    if decay is not None:
+        _check_layered(encoder)
     groups: dict[str, dict] = {}
 
     def put(key: str, group_lr: float, param) -> None:
@@ -106,7 +111,7 @@ def build_param_groups(model, objective, finetune_cfg, lr: float) -> list[dict]:
     for name, param in model.named_parameters():
         if name.startswith("head."):
             put("head", head_lr, param)
-        elif decay is not None and name.startswith("encoder.") and encoder is not None:
+        elif decay is not None and name.startswith("encoder."):
             layer = encoder.layer_of(name[len("encoder."):])
             put(f"encoder.layer{layer}", lr * decay ** (encoder.num_layers - layer), param)
         else:
@@ -114,3 +119,13 @@ def build_param_groups(model, objective, finetune_cfg, lr: float) -> list[dict]:
     for param in objective.parameters():
         put("objective", lr, param)
     return list(groups.values())
+
+
+def _check_layered(encoder) -> None:
+    # A user's model (package.module:builder) may lack the depth interface; say so before training.
+    if not (hasattr(encoder, "num_layers") and callable(getattr(encoder, "layer_of", None))):
+        raise UserError(
+            f"finetune.layer_decay: the model's encoder ({type(encoder).__name__}) has no `num_layers` and "
+            f"`layer_of(param_name)`, so its layers cannot be told apart; add them to the encoder or unset "
+            f"finetune.layer_decay"
+        )

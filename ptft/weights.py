@@ -195,7 +195,11 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
     """
     target = model.state_dict()
     report, to_load = KeyReport(), {}
-    for name, tensor in state.items():
+    # The model's order, not the file's: safetensors stores keys sorted, torch files as saved,
+    # and the same weights should give the same report. Unexpected keys keep the file's order.
+    depth = {name: i for i, name in enumerate(target)}
+    for name in sorted(state, key=lambda key: depth.get(key, len(depth))):
+        tensor = state[name]
         if name not in target:
             report.unexpected.append(name)
             continue
@@ -235,17 +239,42 @@ def _check_encoder_loaded(report: KeyReport, state: dict, prefix: str, strict: b
 
 
 def _nothing_loaded_message(report: KeyReport, state: dict, prefix: str, source: str) -> str:
-    prefixes = Counter(k.split(".", 1)[0] + "." if "." in k else k for k in state)
-    top = prefixes.most_common(5)
+    top = _key_prefixes(state).most_common(5)
     common = ", ".join(f"{p} ({count})" for p, count in top) or "none (no keys)"
-    example = top[0][0] if top else "backbone."
-    message = (f"{source}: no {prefix}* key of the model was loaded; the file's most common key prefixes are "
-               f"{common}. Map them onto the model's names with init.prefix_map, e.g. "
-               f"init.prefix_map={{{example}: {prefix}}}")
+    message = f"{source}: no {prefix}* key of the model was loaded; the file's most common key prefixes are {common}"
     mismatched = [(n, f, m) for n, f, m in report.shape_mismatched if n.startswith(prefix)]
+    unmatched = [n for n in report.unexpected if n.startswith(prefix)]
+    if not mismatched and 2 * len(unmatched) > len(state):
+        # Mostly the right prefix already, but no right name: renaming prefixes cannot help.
+        wanted = [n for n in report.missing if n.startswith(prefix)]
+        return (f"{message}. None of its {len(unmatched)} {prefix}* keys is one of the model's (file: "
+                f"{', '.join(unmatched[:2])}, ...; model: {', '.join(wanted[:2])}, ...): they are weights of another "
+                f"architecture; set model.name and its options to the ones they were trained with")
+    example = top[0][0] if top else "backbone."
+    message += (f". Map them onto the model's names with init.prefix_map, e.g. "
+                f"init.prefix_map={{{example}: {prefix}}}")
     if mismatched:
         name, file_shape, model_shape = mismatched[0]
         message += (f". {len(mismatched)} {prefix}* key(s) matched by name but not by shape (e.g. {name}: file "
                     f"{_shape(file_shape)}, model {_shape(model_shape)}): build the model with the options the "
                     f"weights were trained with")
     return message
+
+
+def _key_prefixes(keys) -> Counter:
+    """Key prefixes counted one level below what every key shares (`net.backbone.`, not just `net.`).
+
+    A prefix a user can paste into init.prefix_map: a wrapper's name alone would map the whole
+    network, head and all, onto the encoder.
+    """
+    depth = 1
+    prefixes = Counter(_prefix(key, depth) for key in keys)
+    while len(prefixes) == 1 and all(key.count(".") > depth for key in keys):
+        depth += 1
+        prefixes = Counter(_prefix(key, depth) for key in keys)
+    return prefixes
+
+
+def _prefix(key: str, depth: int) -> str:
+    parts = key.split(".")
+    return ".".join(parts[:depth]) + "." if len(parts) > depth else key

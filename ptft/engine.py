@@ -150,10 +150,9 @@ def _train_mode(parts: TrainParts) -> None:
     keep_frozen_norms_in_eval(parts.model)
 
 
-def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int) -> torch.Tensor:
+def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int, generator: torch.Generator) -> torch.Tensor:
     """One optimizer step over `accumulate` micro-batches; returns the mean loss (on device)."""
-    generator = torch.Generator(device=parts.device)
-    total = torch.zeros((), device=parts.device)
+    losses = []
     for micro in range(settings.accumulate):
         x, y = parts.batches.batch(step * settings.accumulate + micro)
         if parts.device.type == "cuda" and x.dim() == 4:
@@ -162,8 +161,9 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int) -> tor
         with dist.sync_gradients(parts.step_module, sync=micro == settings.accumulate - 1):
             with autocast(settings.precision, parts.device):
                 loss, _ = parts.step_module(x, y, generator)
-            parts.scaler.scale(loss / settings.accumulate).backward()
-        total += loss.detach().float()
+            # Without accumulation the division is one more kernel per step, and x / 1 == x.
+            parts.scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
+        losses.append(loss.detach().float())
     if settings.grad_clip is not None:
         parts.scaler.unscale_(parts.optimizer)
         params = [p for group in parts.optimizer.param_groups for p in group["params"]]
@@ -172,7 +172,7 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int) -> tor
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()
-    return total / settings.accumulate
+    return losses[0] if settings.accumulate == 1 else sum(losses) / settings.accumulate
 
 
 class _Loop:
@@ -181,23 +181,39 @@ class _Loop:
     def __init__(self, parts, settings, run_dir, tracker, meta_base, log, protect):
         self.parts, self.settings, self.run_dir = parts, settings, Path(run_dir)
         self.tracker, self.meta_base, self.log, self.protect = tracker, meta_base, log, protect
-        # First step whose loss was not finite, kept on the device so no step forces a sync.
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=parts.device)
-        self.loss_sum = torch.zeros((), device=parts.device)
+        # Losses of the steps since the last log record (the first at `window_start`), kept on the
+        # device so no step forces a sync, and checked for NaN/inf when read (each record and save).
+        # A record comes at least every `log_every` steps, so that many slots suffice.
+        self.losses = torch.zeros(settings.log_every, device=parts.device)
         self.loss_count = 0
+        self.window_start = 0
+        self.generator = torch.Generator(device=parts.device)  # reseeded every step
+        # Module.train() walks every module (50-100 us, a percent of a small model's step), so it
+        # runs only after evaluation or a change of frozen layers may have changed some mode.
+        self.train_mode_stale = True
         self.last_saved: Path | None = None
         self.last_saved_step = -1
         self.frozen: tuple[str, ...] | None = None
 
     def note_loss(self, loss: torch.Tensor, step: int) -> None:
-        not_finite = ~torch.isfinite(loss)
-        self.bad_step = torch.where(not_finite & (self.bad_step < 0), step, self.bad_step)
-        self.loss_sum += torch.where(not_finite, torch.zeros_like(loss), loss)
+        if self.loss_count == 0:
+            self.window_start = step
+        self.losses[self.loss_count] = loss  # one copy kernel, no sync
         self.loss_count += 1
 
+    def ensure_train_mode(self) -> None:
+        if self.train_mode_stale:
+            _train_mode(self.parts)
+            self.train_mode_stale = False
+
     def check_finite(self) -> None:
+        bad = -1
+        if self.loss_count:
+            finite = torch.isfinite(self.losses[:self.loss_count])
+            if not bool(finite.all()):
+                bad = self.window_start + int(finite.int().argmin())  # argmin: the first non-finite
         # Every rank checks at the same steps and all stop together, whichever rank saw it.
-        bad = dist.earliest(int(self.bad_step.item()))
+        bad = dist.earliest(bad)
         if bad >= 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad + 1}; stopped without saving these weights "
@@ -211,14 +227,14 @@ class _Loop:
         if patterns != self.frozen:
             apply_freeze(self.parts.model, patterns)
             self.frozen = patterns
+            self.train_mode_stale = True
 
     def log_train(self, step: int, epoch: float) -> dict:
         self.check_finite()
         record = {"step": step, "epoch": round(epoch, 4), "lr": self.parts.optimizer.param_groups[0]["lr"]}
         if self.loss_count:
             # Each rank's mean over its slice; their average is the global batch's mean.
-            record["train/loss"] = dist.average(self.loss_sum / self.loss_count).item()
-        self.loss_sum.zero_()
+            record["train/loss"] = dist.average(self.losses[:self.loss_count].mean()).item()
         self.loss_count = 0
         return record
 
@@ -273,8 +289,8 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step:
     with InterruptFlag() as interrupt, progress_bar(settings.total_steps, start_step, enabled=dist.is_writer()) as bar:
         while step < settings.total_steps:
             loop.refresh_freeze(step)
-            _train_mode(parts)
-            loop.note_loss(_optimizer_step(parts, settings, step), step)
+            loop.ensure_train_mode()
+            loop.note_loss(_optimizer_step(parts, settings, step, loop.generator), step)
             step += 1
             epoch = step / steps_per_epoch
             record = loop.log_train(step, epoch) if step % settings.log_every == 0 else None
@@ -284,6 +300,7 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step:
                 # Rank 0's figures (its weights and buffers are the ones saved) for every rank,
                 # so best/early-stop decisions agree; equal to a single process's figures.
                 metrics = dist.on_writer(evaluate_objective, parts, parts.val, settings)
+                loop.train_mode_stale = True
                 improved = tracker.update(metrics, step)
                 record = {**(record or loop.log_train(step, epoch)), **metrics}
             if record is not None and log is not None:

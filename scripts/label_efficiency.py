@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Label-efficiency study: test accuracy against labels per class, from scratch and after pretraining.
+
+Drives the real CLI, as a user's shell script would: `ptft pretrain` once per pretraining
+objective, then for every label budget and seed `ptft finetune` (from that checkpoint, or from
+scratch) and `ptft evaluate`. Checkpoint paths come from the last stdout line of pretrain and
+finetune, accuracies from evaluate's JSON.
+
+Seeds: pretraining runs once per objective (the config's seed). Seed s of a finetune sets
+`run.seed=s` and `data.split_seed=s`, so it draws its own labelled subset and validation split
+(the test split is the dataset's own, the same for every run); the spread over seeds is mostly
+the luck of which few examples get labels. Pretraining saw every training image without labels,
+so no labels leak into it.
+
+Writes OUT/table.md (mean ± std over seeds), OUT/plot.png and OUT/raw.json, and prints the table.
+
+    python scripts/label_efficiency.py --dataset digits
+    python scripts/label_efficiency.py --dataset mnist --data-root ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ptft.report import save_label_efficiency_plot
+
+REPO = Path(__file__).resolve().parents[1]
+SCRATCH = "scratch"
+
+
+@dataclass(frozen=True)
+class Study:
+    """The configs and default budgets of one dataset's study."""
+
+    finetune: str  # one finetune config for every method, so only the starting weights differ
+    pretrain: dict[str, str]  # objective -> pretrain config
+    budgets: list[int]  # labels per class
+    data: list[str] = field(default_factory=list)  # overrides every stage gets
+
+
+STUDIES = {
+    "digits": Study(
+        finetune="configs/lpft.yaml",
+        pretrain={"reconstruction": "configs/conv_ae.yaml", "denoising": "configs/denoise.yaml",
+                  "masked": "configs/masked.yaml", "contrastive": "configs/contrastive.yaml"},
+        budgets=[1, 5, 10]),
+    "mnist": Study(
+        finetune="configs/mnist_lpft.yaml",
+        pretrain={"reconstruction": "configs/mnist_conv_ae.yaml", "denoising": "configs/mnist_denoise.yaml",
+                  "masked": "configs/mnist_masked.yaml", "contrastive": "configs/mnist_contrastive.yaml"},
+        budgets=[1, 10, 100]),
+}
+METHODS = [SCRATCH, "reconstruction", "denoising", "masked", "contrastive"]
+# --quick: a smoke test of the whole pipeline in seconds, numbers meaningless.
+QUICK_PRETRAIN = ["train.epochs=null", "train.max_steps=2", "train.eval_every_steps=2"]
+QUICK_FINETUNE = ["train.max_steps=2", "train.eval_every_steps=2"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(STUDIES), default="digits")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--budgets", nargs="+", type=int, help="labels per class (default: the dataset's)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="finetune seeds")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/label_efficiency/DATASET)")
+    parser.add_argument("--work", type=Path, help="run directories (default: runs/label_efficiency/DATASET)")
+    parser.add_argument("--data-root", help="data.root for every stage (files are never downloaded)")
+    parser.add_argument("--quick", action="store_true", help="2 steps per stage: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.budgets and min(args.budgets) < 1:
+        parser.error(f"--budgets: labels per class must be >= 1, got {args.budgets}")
+    args.budgets = sorted(set(args.budgets or STUDIES[args.dataset].budgets))
+    args.out = args.out or REPO / "results" / "label_efficiency" / args.dataset
+    args.work = args.work or REPO / "runs" / "label_efficiency" / args.dataset
+    return args
+
+
+def run_ptft(args: list[str], log: Path) -> str:
+    """Run `python -m ptft ARGS` from the repository root; its stderr goes to `log`; returns stdout.
+
+    Raises:
+        SystemExit: the command failed (the message holds the command and the end of its log).
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "ptft", *args]
+    # One thread per run unless the caller says otherwise: these models are small, and on a
+    # shared 2-core machine one run's two threads were 30x slower per step than one thread.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with log.open("w") as err:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
+        raise SystemExit(f"error: `{' '.join(command)}` exited with {proc.returncode}; end of {log}:\n{tail}")
+    return proc.stdout
+
+
+def last_line(stdout: str) -> str:
+    lines = stdout.strip().splitlines()
+    if not lines:
+        raise SystemExit("error: ptft printed no checkpoint path on stdout")
+    return lines[-1]
+
+
+def stage_overrides(args: argparse.Namespace, run_dir: Path, quick: list[str]) -> list[str]:
+    """Overrides every stage run gets: its run directory, the data root, and --quick's step counts."""
+    overrides = [f"run.dir={run_dir}", *STUDIES[args.dataset].data]
+    if args.data_root:
+        overrides += [f"data.root={args.data_root}", "data.download=false"]
+    return overrides + (quick if args.quick else [])
+
+
+def pretrain(args: argparse.Namespace, method: str) -> str:
+    """Pretrain with `method`'s config once; returns the checkpoint to finetune from."""
+    run_dir = args.work / method / "pretrain"
+    overrides = stage_overrides(args, run_dir, QUICK_PRETRAIN)
+    stdout = run_ptft(["pretrain", STUDIES[args.dataset].pretrain[method], *overrides, "--overwrite"],
+                      run_dir.with_suffix(".log"))
+    return last_line(stdout)
+
+
+def finetune_accuracy(args: argparse.Namespace, method: str, init: str | None, budget: int, seed: int) -> float:
+    """Finetune on `budget` labels per class with `seed`, evaluate on the test split; returns accuracy."""
+    run_dir = args.work / method / f"labels{budget}-seed{seed}"
+    overrides = stage_overrides(args, run_dir, QUICK_FINETUNE) + [
+        f"init.checkpoint={init or 'null'}", f"data.labels_per_class={budget}",
+        f"data.split_seed={seed}", f"run.seed={seed}"]
+    log = run_dir.with_suffix(".log")
+    best = last_line(run_ptft(["finetune", STUDIES[args.dataset].finetune, *overrides, "--overwrite"], log))
+    metrics = json.loads(run_ptft(["evaluate", best, "--split", "test"], log.with_suffix(".eval.log")))
+    return metrics["accuracy"]
+
+
+def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
+    """Every (method, budget, seed) run; returns their records and each pretraining's seconds."""
+    records, pretrain_seconds = [], {}
+    total, done = len(args.methods) * len(args.budgets) * len(args.seeds), 0
+    for method in args.methods:
+        init = None
+        if method != SCRATCH:
+            start = time.monotonic()
+            init = pretrain(args, method)
+            pretrain_seconds[method] = round(time.monotonic() - start, 1)
+            note(f"pretrained {method} in {pretrain_seconds[method]:.0f} s")
+        for budget in args.budgets:
+            for seed in args.seeds:
+                start = time.monotonic()
+                accuracy = finetune_accuracy(args, method, init, budget, seed)
+                seconds = round(time.monotonic() - start, 1)
+                records.append({"method": method, "labels_per_class": budget, "seed": seed,
+                                "accuracy": accuracy, "seconds": seconds})
+                done += 1
+                note(f"[{done}/{total}] {method}, {budget} labels per class, seed {seed}: "
+                     f"{100 * accuracy:.1f}% ({seconds:.0f} s)")
+    return records, pretrain_seconds
+
+
+def summarize(records: list[dict]) -> list[tuple[str, int, float, float]]:
+    """(method, labels per class, mean accuracy, std accuracy) over seeds, in run order."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["labels_per_class"]), []).append(record["accuracy"])
+    # Population std: with 3 seeds it describes the spread seen, it does not estimate a variance.
+    return [(method, budget, statistics.fmean(accs), statistics.pstdev(accs))
+            for (method, budget), accs in groups.items()]
+
+
+def markdown_table(rows: list[tuple[str, int, float, float]], budgets: list[int], seeds: list[int]) -> str:
+    """Methods as rows, labels per class as columns, test accuracy in % as mean ± std over seeds."""
+    cells = {(method, budget): f"{100 * mean:.1f} ± {100 * std:.1f}" for method, budget, mean, std in rows}
+    methods = list(dict.fromkeys(method for method, *_ in rows))
+    lines = [f"| test accuracy (%), {len(seeds)} seed{'s' * (len(seeds) != 1)} | " + " | ".join(f"{b} labels/class" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    lines += [f"| {method} | " + " | ".join(cells[method, b] for b in budgets) + " |" for method in methods]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(args: argparse.Namespace, records: list[dict], pretrain_seconds: dict, wall_seconds: float) -> str:
+    """table.md, plot.png and raw.json into args.out; returns the table."""
+    rows = summarize(records)
+    table = markdown_table(rows, args.budgets, args.seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(table)
+    save_label_efficiency_plot(rows, args.out / "plot.png", title=f"{args.dataset}: label efficiency")
+    raw = {"dataset": args.dataset, "command": " ".join(["python", *sys.argv]), "quick": args.quick,
+           "wall_seconds": round(wall_seconds, 1), "pretrain_seconds": pretrain_seconds, "runs": records}
+    (args.out / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
+    return table
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.monotonic()
+    records, pretrain_seconds = run_study(args)
+    wall = time.monotonic() - start
+    table = write_results(args, records, pretrain_seconds, wall)
+    note(f"{args.dataset} study done in {wall / 60:.1f} min; results in {args.out}")
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""scripts/label_efficiency.py: a smoke run through the real CLI, and its table arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "label_efficiency.py"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """The script as a module (registered, so its dataclasses resolve their annotations)."""
+    spec = importlib.util.spec_from_file_location("label_efficiency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_study_writes_table_plot_and_raw(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dataset", "digits", "--methods", "scratch", "denoising",
+         "--budgets", "2", "--seeds", "0", "--quick", "--out", str(out), "--work", str(work)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (out / "table.md").read_text()
+    assert proc.stdout == table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| test accuracy (%), 1 seed |") and rows[0].endswith("| 2 labels/class |")
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| scratch", "| denoising"]
+    assert all(" ± 0.0 |" in row for row in rows[1:])  # one seed: no spread
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = json.loads((out / "raw.json").read_text())
+    assert [(r["method"], r["labels_per_class"], r["seed"]) for r in raw["runs"]] == [
+        ("scratch", 2, 0), ("denoising", 2, 0)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in raw["runs"])
+    assert list(raw["pretrain_seconds"]) == ["denoising"]
+    # The finetune started from the pretraining the script ran, and saw 2 labels per class.
+    meta = json.loads((work / "denoising" / "labels2-seed0" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["parent"]["path"].startswith(str(work / "denoising" / "pretrain"))
+    assert meta["data"]["labelled_size"] == 20
+
+
+def test_table_is_mean_and_std_over_seeds(script):
+    records = [{"method": m, "labels_per_class": b, "seed": s, "accuracy": a}
+               for m, b, s, a in [("scratch", 1, 0, 0.5), ("scratch", 1, 1, 0.7), ("masked", 1, 0, 0.9),
+                                  ("masked", 1, 1, 0.9)]]
+    rows = script.summarize(records)
+    assert rows == [("scratch", 1, pytest.approx(0.6), pytest.approx(0.1)), ("masked", 1, 0.9, 0.0)]
+    table = script.markdown_table(rows, [1], [0, 1])
+    assert table.splitlines()[2:] == ["| scratch | 60.0 ± 10.0 |", "| masked | 90.0 ± 0.0 |"]
+
+
+def test_bad_budget_is_refused(script):
+    with pytest.raises(SystemExit) as exc:
+        script.parse_args(["--budgets", "0"])
+    assert exc.value.code == 2

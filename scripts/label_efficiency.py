@@ -157,7 +157,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
                 records.append({"method": method, "labels_per_class": budget, "seed": seed,
                                 "accuracy": accuracy, "seconds": seconds})
                 done += 1
-                note(f"[{done}/{total}] {method}, {budget} labels per class, seed {seed}: "
+                note(f"[{done}/{total}] {method}, {budget} per class, seed {seed}: "
                      f"{100 * accuracy:.1f}% ({seconds:.0f} s)")
     return records, pretrain_seconds
 

@@ -1,0 +1,76 @@
+"""Registry: decorator + dict + listing, close-match errors, import paths and plugin entry points."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from ptft import registry as registry_module
+from ptft.errors import UserError
+from ptft.registry import Registry
+
+
+def test_register_describe_and_meta():
+    reg = Registry("widget")
+
+    @reg.register(kind="small")
+    def tiny(*, size: int = 1):
+        """A tiny widget.
+
+        More text that the listing leaves out."""
+
+    reg.add("big", lambda: None, "A big one")
+    assert reg.names() == ["big", "tiny"]
+    assert reg.describe() == {"big": "A big one", "tiny": "A tiny widget."}
+    assert reg.meta("tiny") == {"kind": "small"} and reg.meta("big") == {}
+    assert reg.get("tiny") is tiny and "tiny" in reg
+
+
+def test_duplicate_name_is_an_error():
+    reg = Registry("widget")
+    reg.add("a", lambda: None)
+    with pytest.raises(ValueError, match="duplicate widget name 'a'"):
+        reg.add("a", lambda: None)
+
+
+def test_unknown_name_lists_close_matches():
+    reg = Registry("widget")
+    reg.add("conv_autoencoder", lambda: None)
+    reg.add("mlp_autoencoder", lambda: None)
+    with pytest.raises(UserError, match="did you mean 'mlp_autoencoder'") as info:
+        reg.get("mlp_autoencodr")
+    assert "Known: conv_autoencoder, mlp_autoencoder" in str(info.value)
+
+
+def test_import_path_names(tmp_path, monkeypatch):
+    (tmp_path / "user_widgets.py").write_text("def build(*, n: int = 2):\n    return n\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("widget", allow_import_path=True)
+    assert reg.get("user_widgets:build")() == 2
+    with pytest.raises(UserError, match="cannot import module 'no_such_module'"):
+        reg.get("no_such_module:build")
+    with pytest.raises(UserError, match="has no callable 'missing'"):
+        reg.get("user_widgets:missing")
+    with pytest.raises(UserError, match="unknown widget"):
+        Registry("widget").get("user_widgets:build")  # import paths only where allowed
+
+
+def test_entry_point_plugins_are_listed_and_loaded_lazily(tmp_path, monkeypatch):
+    (tmp_path / "plugin_widgets.py").write_text(textwrap.dedent('''
+        from __future__ import annotations
+        LOADED = True
+        def fancy(input_shape, num_classes, *, depth: int = 3):
+            return depth
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EntryPoint(name="fancy", value="plugin_widgets:fancy", group="ptft.widgets")
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [ep] if group == "ptft.widgets" else [])
+    reg = Registry("widget", entry_point_group="ptft.widgets")
+    assert "fancy" in reg.names() and "plugin_widgets:fancy" in reg.describe()["fancy"]
+    builder = reg.get("fancy")
+    # String annotations (from __future__) resolve, so config validation sees real types.
+    assert inspect.signature(builder).parameters["depth"].annotation is int
+    assert builder((1, 8, 8), 10, depth=5) == 5

@@ -176,8 +176,9 @@ def markdown_table(rows: list[tuple[str, int, float, float]], budgets: list[int]
     """Methods as rows, labels per class as columns, test accuracy in % as mean ± std over seeds."""
     cells = {(method, budget): f"{100 * mean:.1f} ± {100 * std:.1f}" for method, budget, mean, std in rows}
     methods = list(dict.fromkeys(method for method, *_ in rows))
-    lines = [f"| test accuracy (%), {len(seeds)} seed{'s' * (len(seeds) != 1)} | " + " | ".join(f"{b} labels/class" for b in budgets) + " |",
-             "|---|" + "---:|" * len(budgets)]
+    seeds_text = f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))})"
+    lines = [f"Test accuracy (%), mean ± std over {seeds_text}, by labels per class:", "",
+             "| method | " + " | ".join(map(str, budgets)) + " |", "|---|" + "---:|" * len(budgets)]
     lines += [f"| {method} | " + " | ".join(cells[method, b] for b in budgets) + " |" for method in methods]
     return "\n".join(lines) + "\n"
 

@@ -33,10 +33,11 @@ def test_quick_study_writes_table_plot_and_raw(tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = (out / "table.md").read_text()
     assert proc.stdout == table
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| test accuracy (%), 1 seed |") and rows[0].endswith("| 2 labels/class |")
+    assert table.startswith("Test accuracy (%), mean ± std over 1 seed (0), by labels per class:")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | 2 |"
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| scratch", "| denoising"]
-    assert all(" ± 0.0 |" in row for row in rows[1:])  # one seed: no spread
+    assert all(row.endswith(" ± 0.0 |") for row in rows[1:])  # one seed: no spread
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = json.loads((out / "raw.json").read_text())
     assert [(r["method"], r["labels_per_class"], r["seed"]) for r in raw["runs"]] == [
@@ -56,7 +57,8 @@ def test_table_is_mean_and_std_over_seeds(script):
     rows = script.summarize(records)
     assert rows == [("scratch", 1, pytest.approx(0.6), pytest.approx(0.1)), ("masked", 1, 0.9, 0.0)]
     table = script.markdown_table(rows, [1], [0, 1])
-    assert table.splitlines()[2:] == ["| scratch | 60.0 ± 10.0 |", "| masked | 90.0 ± 0.0 |"]
+    assert table.splitlines()[2:] == ["| method | 1 |", "|---|---:|", "| scratch | 60.0 ± 10.0 |",
+                                      "| masked | 90.0 ± 0.0 |"]
 
 
 def test_bad_budget_is_refused(script):

@@ -64,6 +64,8 @@ def session(device_spec: str):
     _control_group = tdist.new_group(backend="gloo") if on_gpus else None
     try:
         yield device_spec
+        # Leave together: a rank tearing gloo down while another still uses it can abort (SIGABRT).
+        tdist.barrier()
     finally:
         _control_group = None
         tdist.destroy_process_group()

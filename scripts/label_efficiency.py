@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results folder (default: results/label_efficiency/DATASET)")
     parser.add_argument("--work", type=Path, help="run directories (default: runs/label_efficiency/DATASET)")
     parser.add_argument("--data-root", help="data.root for every stage (files are never downloaded)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs at once, one thread each (default: 2, or 1 on a 1-core machine)")
     parser.add_argument("--quick", action="store_true", help="2 steps per stage: a smoke test, not a measurement")
     args = parser.parse_args(argv)
     if args.budgets and min(args.budgets) < 1:
         parser.error(f"--budgets: labels per class must be >= 1, got {args.budgets}")
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected an integer >= 1, got {args.jobs}")
     args.budgets = sorted(set(args.budgets or STUDIES[args.dataset].budgets))
     args.out = args.out or REPO / "results" / "label_efficiency" / args.dataset
     args.work = args.work or REPO / "runs" / "label_efficiency" / args.dataset
@@ -139,27 +144,54 @@ def finetune_accuracy(args: argparse.Namespace, method: str, init: str | None, b
 
 
 def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
-    """Every (method, budget, seed) run; returns their records and each pretraining's seconds."""
+    """Every (method, budget, seed) run, `args.jobs` at a time; returns their records and each pretraining's seconds.
+
+    Pretraining runs go first (they take longest); a method's finetunes are queued as soon as
+    its checkpoint exists, the from-scratch ones at once.
+    """
     records, pretrain_seconds = [], {}
-    total, done = len(args.methods) * len(args.budgets) * len(args.seeds), 0
-    for method in args.methods:
-        init = None
-        if method != SCRATCH:
-            start = time.monotonic()
-            init = pretrain(args, method)
-            pretrain_seconds[method] = round(time.monotonic() - start, 1)
-            note(f"pretrained {method} in {pretrain_seconds[method]:.0f} s")
-        for budget in args.budgets:
-            for seed in args.seeds:
-                start = time.monotonic()
-                accuracy = finetune_accuracy(args, method, init, budget, seed)
-                seconds = round(time.monotonic() - start, 1)
-                records.append({"method": method, "labels_per_class": budget, "seed": seed,
-                                "accuracy": accuracy, "seconds": seconds})
-                done += 1
-                note(f"[{done}/{total}] {method}, {budget} per class, seed {seed}: "
-                     f"{100 * accuracy:.1f}% ({seconds:.0f} s)")
-    return records, pretrain_seconds
+    total = len(args.methods) * len(args.budgets) * len(args.seeds)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pending = {}
+
+        def queue_finetunes(method: str, init: str | None) -> None:
+            for budget in args.budgets:
+                for seed in args.seeds:
+                    future = pool.submit(timed, finetune_accuracy, args, method, init, budget, seed)
+                    pending[future] = (method, budget, seed)
+
+        for method in args.methods:
+            if method != SCRATCH:
+                pending[pool.submit(timed, pretrain, args, method)] = (method, None, None)
+        if SCRATCH in args.methods:
+            queue_finetunes(SCRATCH, None)
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    (method, budget, seed), (result, seconds) = pending.pop(future), future.result()
+                    if budget is None:
+                        pretrain_seconds[method] = seconds
+                        note(f"pretrained {method} in {seconds:.0f} s")
+                        queue_finetunes(method, result)
+                        continue
+                    records.append({"method": method, "labels_per_class": budget, "seed": seed,
+                                    "accuracy": result, "seconds": seconds})
+                    note(f"[{len(records)}/{total}] {method}, {budget} per class, seed {seed}: "
+                         f"{100 * result:.1f}% ({seconds:.0f} s)")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed run ends the study; running ones finish
+            raise
+    order = {method: i for i, method in enumerate(METHODS)}
+    records.sort(key=lambda r: (order[r["method"]], r["labels_per_class"], r["seed"]))
+    return records, dict(sorted(pretrain_seconds.items(), key=lambda item: order[item[0]]))
+
+
+def timed(fn, *args):
+    """(fn(*args), seconds it took)."""
+    start = time.monotonic()
+    result = fn(*args)
+    return result, round(time.monotonic() - start, 1)
 
 
 def summarize(records: list[dict]) -> list[tuple[str, int, float, float]]:

@@ -28,7 +28,7 @@ def test_quick_study_writes_table_plot_and_raw(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--dataset", "digits", "--methods", "scratch", "denoising",
-         "--budgets", "2", "--seeds", "0", "--quick", "--out", str(out), "--work", str(work)],
+         "--budgets", "2", "--seeds", "0", "--quick", "--jobs", "2", "--out", str(out), "--work", str(work)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (out / "table.md").read_text()
@@ -61,7 +61,8 @@ def test_table_is_mean_and_std_over_seeds(script):
                                       "| masked | 90.0 ± 0.0 |"]
 
 
-def test_bad_budget_is_refused(script):
+@pytest.mark.parametrize("argv", [["--budgets", "0"], ["--jobs", "0"]])
+def test_bad_budget_or_jobs_is_refused(script, argv):
     with pytest.raises(SystemExit) as exc:
-        script.parse_args(["--budgets", "0"])
+        script.parse_args(argv)
     assert exc.value.code == 2

@@ -77,8 +77,9 @@ CASES = {
     "masked": (TinyAutoEncoder, {"patch_size": 2, "mask_ratio": 0.5}),
     "contrastive": (TinyAutoEncoder, {"cutout": 2, "flip": True}),
     "supervised": (TinyClassifier, {"label_smoothing": 0.1}),
+    "supervised_augmented": (TinyClassifier, {"max_shift": 0.2, "max_rotation": 10.0, "cutout": 2}),
 }
-RANDOM_CASES = ["denoising", "denoising_mask", "masked", "contrastive"]
+RANDOM_CASES = ["denoising", "denoising_mask", "masked", "contrastive", "supervised_augmented"]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -125,8 +126,8 @@ def test_loss_is_a_finite_scalar_and_logs_are_0_dim(case):
     loss, logs = objective(model, x, y, gen(0))
     assert loss.shape == () and loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(v.shape == () and torch.isfinite(v) for v in logs.values())
-    assert objective.needs_labels == (case == "supervised")
-    if case in ("contrastive", "supervised"):
+    assert objective.needs_labels == case.startswith("supervised")
+    if case in ("contrastive", "supervised", "supervised_augmented"):
         assert set(logs) == {"acc"} and 0.0 <= logs["acc"].item() <= 1.0
 
 
@@ -305,6 +306,22 @@ def test_supervised_loss_and_accuracy_have_known_values():
     assert logs["acc"].item() == 0.5
 
 
+def test_supervised_augments_training_batches_only():
+    seen = []
+    model = TinyClassifier()
+    model.forward = lambda inp: seen.append(inp) or torch.zeros(len(inp), NUM_CLASSES)
+    x, y = batch()
+    plain = OBJECTIVES.get("supervised")(model, SHAPE)
+    augmented = OBJECTIVES.get("supervised")(model, SHAPE, max_shift=0.25, cutout=3)
+    assert plain.augment is None  # the defaults add no work to the step
+    plain(model, x, y, gen(0))
+    augmented(model, x, y, gen(0))
+    augmented.eval()  # validation and evaluation
+    augmented(model, x, y, gen(0))
+    assert torch.equal(seen[0], x) and not torch.equal(seen[1], x) and torch.equal(seen[2], x)
+    assert seen[1].shape == x.shape
+
+
 @pytest.mark.parametrize("name", ["reconstruction", "denoising", "masked"])
 def test_autoencoder_objectives_refuse_a_classifier(name):
     with pytest.raises(UserError, match=rf"objective '{name}' needs an autoencoder model .*is a classifier"):
@@ -335,6 +352,8 @@ def test_supervised_refuses_an_autoencoder_and_contrastive_a_model_without_encod
     ("contrastive", {"noise_std": -0.5}, "noise_std"),
     ("contrastive", {"cutout": 9}, "cutout"),
     ("supervised", {"label_smoothing": 1.0}, "label_smoothing"),
+    ("supervised", {"max_shift": -0.1}, "max_shift"),
+    ("supervised", {"cutout": 9}, "cutout"),
 ])
 def test_out_of_range_options_name_their_key(name, options, key):
     model = TinyClassifier() if name == "supervised" else TinyAutoEncoder()

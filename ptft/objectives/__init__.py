@@ -92,23 +92,20 @@ def contrastive(model, input_shape: tuple[int, int, int], *, temperature: float 
                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), max_rotation: float = 15.0,
                 max_shift: float = 0.1, noise_std: float = 0.05, cutout: int = 0, flip: bool = False):
     """SimCLR: NT-Xent between projected encoder features of two augmented views (own projector)."""
-    from ptft.objectives.augment import Augment
     from ptft.objectives.contrastive import Contrastive
 
     _require_model("contrastive", model, ("autoencoder", "classifier", "encoder"))
-    _check_contrastive(input_shape, temperature, projector_dim, hidden_dim, crop_scale, crop_ratio, max_rotation,
-                       max_shift, noise_std, cutout)
-    # Off by default: a mirrored digit is often another digit or none.
-    augment = Augment(crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), max_rotation=max_rotation,
-                      max_shift=max_shift, flip_p=0.5 if flip else 0.0, cutout=cutout, noise_std=noise_std)
-    return Contrastive(model.encoder.out_features, augment, temperature, hidden_dim, projector_dim)
-
-
-def _check_contrastive(input_shape, temperature, projector_dim, hidden_dim, crop_scale, crop_ratio, max_rotation,
-                       max_shift, noise_std, cutout) -> None:
     _require(temperature > 0, "temperature", "a temperature > 0", temperature)
     _require(projector_dim >= 1, "projector_dim", "an integer >= 1", projector_dim)
     _require(hidden_dim >= 1, "hidden_dim", "an integer >= 1", hidden_dim)
+    augment = _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip)
+    return Contrastive(model.encoder.out_features, augment, temperature, hidden_dim, projector_dim)
+
+
+def _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip):
+    """The Augment that the options describe, after checking each one (errors name the key)."""
+    from ptft.objectives.augment import Augment
+
     low, high = crop_scale
     _require(0 < low <= high <= 1, "crop_scale", "[low, high] with 0 < low <= high <= 1", crop_scale)
     low, high = crop_ratio
@@ -118,13 +115,22 @@ def _check_contrastive(input_shape, temperature, projector_dim, hidden_dim, crop
     _require(noise_std >= 0, "noise_std", "a standard deviation >= 0", noise_std)
     side = _smallest_side(input_shape)
     _require(0 <= cutout <= side, "cutout", f"a square side in [0, {side}] pixels for {input_shape} inputs", cutout)
+    # Flip is opt-in everywhere: a mirrored digit is often another digit or none.
+    return Augment(crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), max_rotation=max_rotation,
+                   max_shift=max_shift, flip_p=0.5 if flip else 0.0, cutout=cutout, noise_std=noise_std)
 
 
 @OBJECTIVES.register(model_kinds=("classifier",))
-def supervised(model, input_shape: tuple[int, int, int], *, label_smoothing: float = 0.0):
-    """Softmax cross-entropy on labels (supervised pretraining, and every finetuning run)."""
+def supervised(model, input_shape: tuple[int, int, int], *, label_smoothing: float = 0.0,
+               crop_scale: tuple[float, float] = (1.0, 1.0), crop_ratio: tuple[float, float] = (1.0, 1.0),
+               max_rotation: float = 0.0, max_shift: float = 0.0, noise_std: float = 0.0, cutout: int = 0,
+               flip: bool = False):
+    """Softmax cross-entropy on labels (supervised pretraining, every finetuning run), optionally augmented."""
+    # The augmentation options are contrastive's, all off by default. They apply to training
+    # batches only: validation and evaluation see the images as they are.
     from ptft.objectives.supervised import Supervised
 
     _require_model("supervised", model, ("classifier",))
     _require(0 <= label_smoothing < 1, "label_smoothing", "a value in [0, 1)", label_smoothing)
-    return Supervised(label_smoothing)
+    augment = _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip)
+    return Supervised(label_smoothing, augment if augment.changes_images else None)

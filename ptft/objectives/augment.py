@@ -153,6 +153,11 @@ class Augment:
     cutout: int = 0
     noise_std: float = 0.0
 
+    @property
+    def changes_images(self) -> bool:
+        """False when every strength is zero and a view is the batch itself."""
+        return self != Augment()
+
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(N, C, H, W) -> an augmented (N, C, H, W) batch."""
         matrices = (crop_matrices(x, self.crop_scale, self.crop_ratio, generator)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def data_cfg(**changes) -> SimpleNamespace:
     base = dict(name="synthetic", root="data", download=False, batch_size=32, eval_batch_size=100, val_fraction=0.1,
-                split_seed=0, label_fraction=None, labels_per_class=None)
+                split_seed=0, label_fraction=None, labels_per_class=None, image_size=None)
     return SimpleNamespace(**{**base, **changes})
 
 
@@ -47,8 +47,8 @@ def test_import_ptft_data_imports_no_torch():
     code = ("import sys, ptft.data as d; names = d.DATASETS.names(); "
             "heavy = [m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules]; print(names, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert out.strip() == ("['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'kmnist', 'mnist', 'stl10', 'svhn', "
-                           "'synthetic'] []")
+    assert out.strip() == ("['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'imagefolder', 'kmnist', 'mnist', "
+                           "'stl10', 'svhn', 'synthetic'] []")
 
 
 # ---- sources -----------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class DataSection(_Section):
     """Folder holding the dataset's files."""
     download: bool = False
     """Download missing files; otherwise missing files are an error."""
+    image_size: int | None = Field(None, ge=1)
+    """imagefolder: resize every image to this size squared (null: they must all share one size)."""
     batch_size: int = Field(128, ge=1)
     """Training batch size (global: split across processes under torchrun)."""
     eval_batch_size: int = Field(1024, ge=1)

@@ -1,6 +1,7 @@
 """The DATASETS registry and `build_data`, the one entry point stages use.
 
-A builder is `fn(root: Path, download: bool) -> DatasetTensors` (CPU tensors). Builders
+A builder is `fn(root: Path, download: bool) -> DatasetTensors` (CPU tensors); one registered
+with `image_size=True` also takes `image_size: int | None` (data.image_size). Builders
 import torch, torchvision and scikit-learn inside their body, and `build_data` is imported
 on first use, so listing datasets never imports torch.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ptft.data.tensors import DatasetTensors, DataBundle, TensorSplit
+from ptft.errors import DataError
 from ptft.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -87,3 +89,14 @@ def stl10(root: Path, download: bool) -> DatasetTensors:
     from ptft.data import sources
 
     return sources.load_stl10(root, download)
+
+
+@DATASETS.register(description="your own images: ROOT/train/<class>/*, optional test/<class>/* and unlabelled/*",
+                   image_size=True)
+def imagefolder(root: Path, download: bool, image_size: int | None = None) -> DatasetTensors:
+    from ptft.data import sources
+
+    if download:
+        raise DataError(f"data.download: imagefolder reads your own files in '{root}' and cannot download them; "
+                        "set data.download=false")
+    return sources.load_imagefolder(root, image_size)

@@ -33,7 +33,8 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
             cannot meet, or a validation fraction that leaves no training examples.
     """
     name = data_cfg.name
-    tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download)
+    tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download,
+                                                 **_size_option(name, data_cfg.image_size))
     train_idx, val_idx = train_val_split(tensors.train_y, data_cfg.val_fraction, data_cfg.split_seed)
     if len(train_idx) == 0:
         raise DataError(f"data.val_fraction: {data_cfg.val_fraction} leaves no training examples of {name}")
@@ -52,6 +53,16 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
         input_shape=tuple(tensors.train_x.shape[1:]),
         fingerprint=_fingerprint(name, data_cfg.split_seed, val_idx, labelled_idx),
     )
+
+
+def _size_option(name: str, image_size: int | None) -> dict:
+    """`image_size` for the builders that resize (registered with image_size=True); refused for the rest."""
+    if DATASETS.meta(name).get("image_size"):
+        return {"image_size": image_size}
+    if image_size is not None:
+        raise DataError(f"data.image_size: only imagefolder resizes images; {name} images keep their size "
+                        "(remove data.image_size)")
+    return {}
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device) -> TensorSplit:

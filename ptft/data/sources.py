@@ -1,6 +1,7 @@
-"""Dataset loaders: whole datasets as CPU tensors, no per-sample Python.
+"""Dataset loaders: whole datasets as CPU tensors, no per-sample Python in training.
 
-`digits` and `synthetic` need no files. The torchvision datasets are read from
+`digits` and `synthetic` need no files. `imagefolder` decodes a user's image files once, at
+load time, into one uint8 tensor. The torchvision datasets are read from
 `data.root` in torchvision's own layout; their files are checked here first, so a missing
 file is one `DataError` naming the folder and the files expected rather than torchvision's
 generic RuntimeError.
@@ -31,6 +32,9 @@ CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                  "batches.meta"]
 CIFAR100_FILES = ["train", "test", "meta"]
 SVHN_FILES = ["train_32x32.mat", "test_32x32.mat"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGEFOLDER_LAYOUT = "train/<class>/<image>, optionally test/<class>/<image> and unlabelled/<image>"
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one colour channel
 STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
 
 
@@ -147,3 +151,94 @@ def load_stl10(root: Path, download: bool) -> DatasetTensors:
     return DatasetTensors(_images(train.data), torch.from_numpy(train.labels).long(), _images(test.data),
                           torch.from_numpy(test.labels).long(), num_classes=10, class_names=list(train.classes),
                           unlabelled_x=_images(unlabelled.data))
+
+
+def load_imagefolder(root: Path, image_size: int | None) -> DatasetTensors:
+    """A user's images, uint8 (N, C, H, W): classes are the sorted folder names under `root/train`.
+
+    `root/test/<class>/` is the test split when present, otherwise a fixed stratified 20% of
+    train (as for digits). Images anywhere under `root/unlabelled/` join pretraining without
+    labels. Images are grey (C = 1) when every one is greyscale, RGB (C = 3) otherwise, and are
+    resized to `image_size` squared when it is set; without it they must all share one size.
+
+    Raises:
+        DataError: a missing train folder, a class without images, a test class unknown to
+            train, an unreadable image, or mixed sizes without `image_size` (each names the path).
+    """
+    train_dir, test_dir, unlabelled_dir = root / "train", root / "test", root / "unlabelled"
+    if not train_dir.is_dir():
+        raise DataError(f"data.root: no 'train' folder in '{root}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
+    classes = sorted(folder.name for folder in train_dir.iterdir() if folder.is_dir())
+    if not classes:
+        raise DataError(f"data.root: no class folders in '{train_dir}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
+    train_files, train_y = _class_images(train_dir, classes)
+    test_files, test_y = _class_images(test_dir, classes) if test_dir.is_dir() else ([], [])
+    unlabelled_files = _image_files(unlabelled_dir) if unlabelled_dir.is_dir() else []
+    files = train_files + test_files + unlabelled_files
+    images = _decode_images(files, image_size, root)
+    n_train, n_test = len(train_files), len(test_files)
+    train_x, test_x = images[:n_train], images[n_train:n_train + n_test]
+    unlabelled_x = images[n_train + n_test:] if unlabelled_files else None
+    train_y, test_y = torch.tensor(train_y, dtype=torch.long), torch.tensor(test_y, dtype=torch.long)
+    if not test_files:
+        train_idx, test_idx = train_val_split(train_y, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+        train_x, test_x, train_y, test_y = train_x[train_idx], train_x[test_idx], train_y[train_idx], train_y[test_idx]
+    return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
+                          unlabelled_x=unlabelled_x)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, at any depth, in sorted order (so the dataset order is stable)."""
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+
+
+def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """(files, labels) of `split_dir/<class>/...` for each of `classes`."""
+    unknown = sorted({folder.name for folder in split_dir.iterdir() if folder.is_dir()} - set(classes))
+    if unknown:
+        raise DataError(f"data.root: class folder(s) {', '.join(unknown)} in '{split_dir}' are not in "
+                        f"'{split_dir.parent / 'train'}' (classes: {', '.join(classes)})")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = _image_files(split_dir / name) if (split_dir / name).is_dir() else []
+        if not found and split_dir.name == "train":
+            raise DataError(f"data.root: no images in '{split_dir / name}' (expected files ending in "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def _decode_images(files: list[Path], image_size: int | None, root: Path) -> torch.Tensor:
+    """Decode every file into one uint8 (N, C, H, W) tensor (grey or RGB, one size)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    headers = []  # (mode, size) from each file's header: cheap, and fixes C and H x W before decoding
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                headers.append((image.mode, image.size))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"data.root: cannot read image '{path}' ({exc})") from None
+    mode = "L" if all(header_mode in GREY_MODES for header_mode, _ in headers) else "RGB"
+    if image_size is not None:
+        size = (image_size, image_size)
+    else:
+        sizes = {header_size: path for path, (_, header_size) in zip(files, headers)}
+        if len(sizes) > 1:
+            (first, a), (second, b) = list(sizes.items())[:2]
+            raise DataError(f"data.image_size: images in '{root}' differ in size ('{a}' is {first[0]}x{first[1]}, "
+                            f"'{b}' is {second[0]}x{second[1]}); set data.image_size to resize them all")
+        size = headers[0][1]
+    width, height = size
+    channels = 1 if mode == "L" else 3
+    out = np.empty((len(files), height, width, channels), dtype=np.uint8)
+    for i, path in enumerate(files):
+        with Image.open(path) as image:
+            # Palette, 16-bit and alpha images convert to plain L or RGB first; resizing ignores aspect.
+            image = image.convert(mode)
+            if image.size != size:
+                image = image.resize(size, Image.Resampling.BILINEAR)
+            out[i] = np.asarray(image).reshape(height, width, channels)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

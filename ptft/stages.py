@@ -137,7 +137,14 @@ def _prepare(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Path 
     return resume_from
 
 
-def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resume_from, parent) -> Path:
+def build_train_parts(cfg: Config, stage: str, device: torch.device, data, model, objective,
+                      train_split) -> tuple[TrainParts, LoopSettings]:
+    """Everything the loop needs, as `ptft pretrain` / `finetune` build it (scripts/bench.py times this).
+
+    Moves model and objective to `device`, shards the batches under torchrun, builds optimizer
+    and schedule (finetune's parameter groups for stage "finetune"), compiles when asked and
+    wraps the step in DDP when distributed.
+    """
     model.to(device)
     objective.to(device)
     if device.type == "cuda":
@@ -156,6 +163,11 @@ def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resum
     parts = TrainParts(model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
                        batches=batches, val=data.val, device=device, step_module=step_module)
+    return parts, settings
+
+
+def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resume_from, parent) -> Path:
+    parts, settings = build_train_parts(cfg, stage, device, data, model, objective, train_split)
     tracker = BestTracker(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.train.early_stopping_patience)
     start_step, meta_base, protect = 0, _meta_base(cfg, stage, data, parent), ()
     if resume_from is not None:

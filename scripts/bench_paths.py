@@ -23,11 +23,10 @@ from ptft.config import config_hash
 from ptft.console import MetricsLog
 from ptft.data import build_data
 from ptft.data.batches import DeviceBatches
-from ptft.engine import BestTracker, TrainParts, TrainStep, fit
+from ptft.engine import BestTracker, TrainParts, fit
 from ptft.objectives import OBJECTIVES
-from ptft.optim import OPTIMIZERS, SCHEDULES, build_param_groups
 from ptft.runtime import seed_everything
-from ptft.stages import build_model, loop_settings
+from ptft.stages import build_model, build_train_parts
 
 PATHS = {"ptft": "(a) ptft engine", "hand": "(b) hand-written loop", "dataloader": "(c) torchvision DataLoader",
          "lightning": "(d) Lightning defaults"}
@@ -260,24 +259,13 @@ class TickingBatches:
 
 
 def build_ptft(cfg, device: torch.device):
-    """The TrainParts and LoopSettings `ptft pretrain` builds (ptft.stages._fit) in one process, on `device`."""
+    """The TrainParts and LoopSettings `ptft pretrain` builds (ptft.stages.build_train_parts), on `device`."""
     seed_everything(cfg.run.seed)
     data = build_data(cfg.data, device)
     model = build_model(cfg, data.input_shape, data.num_classes)
     objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
     split = data.labelled if objective.needs_labels else data.unlabelled
-    model.to(device)
-    objective.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    batches = DeviceBatches(split.x, split.y, cfg.data.batch_size, seed=cfg.run.seed)
-    settings = loop_settings(cfg, batches, "pretrain")
-    optimizer = OPTIMIZERS.get(cfg.optim.name)(build_param_groups(model, objective, None, cfg.optim.lr), cfg.optim)
-    scheduler = SCHEDULES.get(cfg.schedule.name)(optimizer, cfg.schedule, settings.total_steps)
-    parts = TrainParts(model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
-                       scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
-                       batches=batches, val=data.val, device=device, step_module=TrainStep(model, objective))
-    return parts, settings
+    return build_train_parts(cfg, "pretrain", device, data, model, objective, split)
 
 
 def run_ptft(parts: TrainParts, settings, cfg, interleaver: Interleaver) -> float:

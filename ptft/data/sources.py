@@ -17,10 +17,10 @@ from ptft.data.splits import train_val_split
 from ptft.data.tensors import DatasetTensors
 from ptft.errors import DataError
 
-# digits has no test split of its own: a fixed stratified 20%, independent of any run seed,
-# so every run is compared on the same test images.
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_TEST_SEED = 0
+# digits (and an imagefolder without test/) has no test split of its own: a fixed stratified
+# 20%, independent of any run seed, so every run is compared on the same test images.
+HELD_OUT_TEST_FRACTION = 0.2
+HELD_OUT_TEST_SEED = 0
 
 SYNTHETIC_SEED = 0
 SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 500, 200
@@ -32,10 +32,11 @@ CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                  "batches.meta"]
 CIFAR100_FILES = ["train", "test", "meta"]
 SVHN_FILES = ["train_32x32.mat", "test_32x32.mat"]
+STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGEFOLDER_LAYOUT = "train/<class>/<image>, optionally test/<class>/<image> and unlabelled/<image>"
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one colour channel
-STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
 
 
 def load_digits() -> DatasetTensors:
@@ -45,7 +46,7 @@ def load_digits() -> DatasetTensors:
     bunch = sklearn_digits()
     x = torch.from_numpy(bunch.images).float().div_(16).unsqueeze(1)  # pixel values are 0..16
     y = torch.from_numpy(bunch.target).long()
-    train_idx, test_idx = train_val_split(y, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+    train_idx, test_idx = train_val_split(y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
     return DatasetTensors(x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes=10,
                           class_names=[str(d) for d in range(10)])
 
@@ -181,7 +182,7 @@ def load_imagefolder(root: Path, image_size: int | None) -> DatasetTensors:
     unlabelled_x = images[n_train + n_test:] if unlabelled_files else None
     train_y, test_y = torch.tensor(train_y, dtype=torch.long), torch.tensor(test_y, dtype=torch.long)
     if not test_files:
-        train_idx, test_idx = train_val_split(train_y, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+        train_idx, test_idx = train_val_split(train_y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
         train_x, test_x, train_y, test_y = train_x[train_idx], train_x[test_idx], train_y[train_idx], train_y[test_idx]
     return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
                           unlabelled_x=unlabelled_x)

@@ -26,6 +26,12 @@ def save_image(path: Path, value: int, size: tuple[int, int] = (8, 8), mode: str
     Image.fromarray(pixels, mode).save(path)
 
 
+def truncate(path: Path) -> None:
+    """Cut the end off a small PNG: its header still reads, its pixels do not."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-24])  # the 12-byte IEND chunk and the end of the pixel data
+
+
 def image_tree(root: Path, per_class: int = 10, test_per_class: int = 2, unlabelled: int = 3) -> Path:
     """Classes 'cat' (pixels 10 + i) and 'dog' (pixels 100 + i), a test split and unlabelled images."""
     for name, base in [("cat", 10), ("dog", 100)]:
@@ -92,6 +98,8 @@ def test_mixed_sizes_need_image_size_which_resizes_them_all(tmp_path):
      r"class folder\(s\) emu in .*test.* are not in .*train.*classes: cat, dog"),
     (lambda root: (image_tree(root), (root / "train" / "cat" / "bad.png").write_bytes(b"not a png")),
      r"cannot read image .*bad\.png"),
+    (lambda root: (image_tree(root), truncate(root / "train" / "dog" / "03.png")),
+     r"cannot read image .*03\.png' \(image file is truncated\)"),
 ])
 def test_a_broken_tree_is_one_data_error_naming_the_path(tmp_path, make, message):
     make(tmp_path / "images")

@@ -215,13 +215,16 @@ def _decode_images(files: list[Path], image_size: int | None, root: Path) -> tor
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    def unreadable(path: Path, exc: Exception) -> DataError:
+        return DataError(f"data.root: cannot read image '{path}' ({exc})")
+
     headers = []  # (mode, size) from each file's header: cheap, and fixes C and H x W before decoding
     for path in files:
         try:
             with Image.open(path) as image:
                 headers.append((image.mode, image.size))
         except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"data.root: cannot read image '{path}' ({exc})") from None
+            raise unreadable(path, exc) from None
     mode = "L" if all(header_mode in GREY_MODES for header_mode, _ in headers) else "RGB"
     if image_size is not None:
         size = (image_size, image_size)
@@ -236,10 +239,14 @@ def _decode_images(files: list[Path], image_size: int | None, root: Path) -> tor
     channels = 1 if mode == "L" else 3
     out = np.empty((len(files), height, width, channels), dtype=np.uint8)
     for i, path in enumerate(files):
-        with Image.open(path) as image:
-            # Palette, 16-bit and alpha images convert to plain L or RGB first; resizing ignores aspect.
-            image = image.convert(mode)
-            if image.size != size:
-                image = image.resize(size, Image.Resampling.BILINEAR)
-            out[i] = np.asarray(image).reshape(height, width, channels)
+        # A readable header does not make a readable file: a truncated one fails only here.
+        try:
+            with Image.open(path) as image:
+                # Palette, 16-bit and alpha images convert to plain L or RGB first; resizing ignores aspect.
+                image = image.convert(mode)
+                if image.size != size:
+                    image = image.resize(size, Image.Resampling.BILINEAR)
+                out[i] = np.asarray(image).reshape(height, width, channels)
+        except OSError as exc:
+            raise unreadable(path, exc) from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

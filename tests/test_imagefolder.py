@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from conftest import tiny_finetune_config, tiny_pretrain_config, write_yaml
+from conftest import REPO, tiny_finetune_config, tiny_pretrain_config, write_yaml
 from ptft.data import DATASETS
 from ptft.errors import DataError
 
@@ -129,3 +130,21 @@ def test_pretrain_then_finetune_on_a_folder_of_images(tmp_path, ptft):
     metrics = json.loads(ptft("evaluate", best).last_line)
     assert metrics["num_examples"] == 4 and metrics["dataset"] == "imagefolder"
     assert list(metrics["per_class"]) == ["cat", "dog"]  # the folder names
+
+
+def test_shipped_imagefolder_configs_run_on_a_folder_of_colour_images(tmp_path, ptft):
+    root = image_tree(tmp_path / "images", per_class=14, unlabelled=2)
+    save_image(root / "unlabelled" / "photo.png", 90, size=(20, 12), mode="RGB")  # colour, another size
+    shared = [f"data.root={root}", "data.image_size=16", "train.epochs=null", "train.max_steps=4",
+              "train.eval_every_steps=2"]
+    pretrained = ptft("pretrain", REPO / "configs" / "imagefolder_ae.yaml", *shared, f"run.dir={tmp_path / 'ae'}")
+    assert pretrained.code == 0, pretrained.stderr
+    meta = json.loads((tmp_path / "ae" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["data"]["dataset"] == "imagefolder"
+    finetuned = ptft("finetune", REPO / "configs" / "imagefolder_finetune.yaml", *shared, "data.batch_size=10",
+                     f"init.checkpoint={tmp_path / 'ae'}", f"run.dir={tmp_path / 'fine'}")
+    assert finetuned.code == 0, finetuned.stderr
+    saved = yaml.safe_load((tmp_path / "fine" / "config.yaml").read_text())
+    assert saved["objective"]["flip"] is True and saved["data"]["image_size"] == 16
+    metrics = json.loads(ptft("evaluate", finetuned.last_line).last_line)
+    assert metrics["num_examples"] == 4 and list(metrics["per_class"]) == ["cat", "dog"]

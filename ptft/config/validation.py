@@ -60,9 +60,20 @@ def validate_config(raw: dict, default_run_dir: str, problems: list[Problem]) ->
             if name in _NAMED_SECTIONS:
                 _check_registered(name, values, getattr(registries, _NAMED_SECTIONS[name]), problems)
             sections[name] = _validate_section(field.annotation, name, values, problems)
+    if sections.get("data") is not None:
+        _check_image_size(sections["data"], registries.datasets, problems)
     if problems or any(section is None for section in sections.values()):
         return None
     return Config(**sections)
+
+
+def _check_image_size(data: BaseModel, datasets: Registry, problems: list[Problem]) -> None:
+    """data.image_size only for datasets that resize (registered with image_size=True)."""
+    if data.image_size is None or datasets.meta(data.name).get("image_size"):
+        return
+    resizing = " and ".join(name for name in datasets.names() if datasets.meta(name).get("image_size"))
+    problems.append(Problem(("data.image_size",), f"only {resizing} resizes images; {data.name} images keep their "
+                                                  "size (remove data.image_size)"))
 
 
 def _section_values(raw: dict, name: str, problems: list[Problem]) -> dict | None:

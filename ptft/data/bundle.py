@@ -56,13 +56,9 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
 
 
 def _size_option(name: str, image_size: int | None) -> dict:
-    """`image_size` for the builders that resize (registered with image_size=True); refused for the rest."""
-    if DATASETS.meta(name).get("image_size"):
-        return {"image_size": image_size}
-    if image_size is not None:
-        raise DataError(f"data.image_size: only imagefolder resizes images; {name} images keep their size "
-                        "(remove data.image_size)")
-    return {}
+    """`image_size` for the builders that resize (registered with image_size=True; config
+    validation refuses it for the rest)."""
+    return {"image_size": image_size} if DATASETS.meta(name).get("image_size") else {}
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device) -> TensorSplit:

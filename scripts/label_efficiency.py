@@ -49,7 +49,7 @@ class Study:
 
 STUDIES = {
     "digits": Study(
-        finetune="configs/lpft.yaml",
+        finetune="configs/conv_lpft.yaml",
         pretrain={"reconstruction": "configs/conv_ae.yaml", "denoising": "configs/denoise.yaml",
                   "masked": "configs/masked.yaml", "contrastive": "configs/contrastive.yaml"},
         budgets=[1, 5, 10]),

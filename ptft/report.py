@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torchvision.utils import make_grid
 
@@ -27,7 +25,7 @@ from ptft.probes import knn_accuracy, linear_probe_accuracy
 
 __all__ = [
     "classification_metrics", "reconstruction_metrics", "knn_accuracy", "linear_probe_accuracy",
-    "save_confusion_matrix_png", "save_reconstruction_grid_png", "save_label_efficiency_plot",
+    "save_confusion_matrix_png", "save_reconstruction_grid_png",
     "write_metrics_json",
 ]
 
@@ -161,35 +159,6 @@ def save_reconstruction_grid_png(inputs: torch.Tensor, reconstructions: torch.Te
     ax.set_xticks([])
     ax.set_yticks([height / 4, 3 * height / 4], ["input", "reconstruction"])
     ax.spines[:].set_visible(False)
-    _save(fig, path)
-
-
-def save_label_efficiency_plot(rows: Iterable[tuple[str, int, float, float]], path: str | Path,
-                               title: str = "label efficiency") -> None:
-    """Plot accuracy against labels per class (log x axis), one line with error bars per method.
-
-    Args:
-        rows: (method, labels_per_class, mean accuracy, std accuracy) tuples, in any order.
-    """
-    by_method: dict[str, list[tuple[int, float, float]]] = {}
-    for method, labels_per_class, mean, std in rows:
-        by_method.setdefault(method, []).append((labels_per_class, mean, std))
-    fig = Figure(figsize=(6.0, 4.5))
-    ax = fig.add_subplot()
-    for method, points in by_method.items():
-        budgets, means, stds = zip(*sorted(points))
-        ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method)
-    ax.set_xscale("log")
-    ax.set_xticks(sorted({budget for points in by_method.values() for budget, _, _ in points}))
-    # Label exactly the budgets measured, as plain numbers, not log-axis minor ticks in 10^x form.
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("labels per class")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if by_method:
-        ax.legend()
     _save(fig, path)
 
 

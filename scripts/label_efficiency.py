@@ -29,9 +29,12 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
-from ptft.report import save_label_efficiency_plot
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = "scratch"
@@ -231,6 +234,38 @@ def write_results(args: argparse.Namespace, records: list[dict], pretrain_second
 def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
+
+
+def save_label_efficiency_plot(rows: Iterable[tuple[str, int, float, float]], path: str | Path,
+                               title: str = "label efficiency") -> None:
+    """Plot accuracy against labels per class (log x axis), one line with error bars per method.
+
+    Args:
+        rows: (method, labels_per_class, mean accuracy, std accuracy) tuples, in any order.
+    """
+    by_method: dict[str, list[tuple[int, float, float]]] = {}
+    for method, labels_per_class, mean, std in rows:
+        by_method.setdefault(method, []).append((labels_per_class, mean, std))
+    fig = Figure(figsize=(6.0, 4.5))
+    ax = fig.add_subplot()
+    for method, points in by_method.items():
+        budgets, means, stds = zip(*sorted(points))
+        ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({budget for points in by_method.values() for budget, _, _ in points}))
+    # Label exactly the budgets measured, as plain numbers, not log-axis minor ticks in 10^x form.
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if by_method:
+        ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # attaches itself to fig: no pyplot, no global backend change
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)

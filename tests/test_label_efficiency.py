@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from matplotlib import image as plt_image
 
 from conftest import REPO
 
@@ -66,3 +67,17 @@ def test_bad_budget_or_jobs_is_refused(script, argv):
     with pytest.raises(SystemExit) as exc:
         script.parse_args(argv)
     assert exc.value.code == 2
+
+
+def test_plot_draws_every_method_and_budget_to_a_png(script, tmp_path):
+    rows = [("scratch", 10, 0.6, 0.05), ("pretrained", 1, 0.5, 0.1), ("scratch", 1, 0.2, 0.08),
+            ("pretrained", 10, 0.85, 0.02), ("scratch", 5, 0.4, 0.05), ("pretrained", 5, 0.7, 0.05),
+            ("pretrained", 100, 0.95, 0.01)]
+    path = tmp_path / "plots" / "label_efficiency.png"
+    script.save_label_efficiency_plot(rows, path)
+    image = plt_image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    # Two methods: the plot holds at least two distinct saturated line colours besides black and white.
+    rgb = (image[..., :3] * 255).astype(int).reshape(-1, 3)
+    saturated = {tuple(c) for c in rgb if c.max() - c.min() > 80}
+    assert len(saturated) >= 2

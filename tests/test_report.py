@@ -176,15 +176,6 @@ def test_reconstruction_grid_png_inputs_above_reconstructions(tmp_path, channels
     assert len(black_rows) > 0 and black_rows.max() < image.shape[0] / 2
 
 
-def test_label_efficiency_plot(tmp_path, no_pyplot_no_backend_change):
-    rows = [("scratch", 10, 0.6, 0.05), ("pretrained", 1, 0.5, 0.1), ("scratch", 1, 0.2, 0.08),
-            ("pretrained", 10, 0.85, 0.02), ("scratch", 5, 0.4, 0.05), ("pretrained", 5, 0.7, 0.05),
-            ("pretrained", 100, 0.95, 0.01)]
-    path = tmp_path / "plots" / "label_efficiency.png"
-    report.save_label_efficiency_plot(rows, path)
-    read_png(path)
-
-
 # ---- metrics.json --------------------------------------------------------------------------------
 
 def test_write_metrics_json_round_trip_is_atomic(tmp_path):

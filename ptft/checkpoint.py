@@ -4,10 +4,12 @@
     RUN_DIR/checkpoints/last, best      relative symlinks to step directories
 
 A step directory is written under a `.tmp-*` name and renamed into place once every file is
-on disk; pointers move afterwards by an atomic replace. So a crash at any moment leaves
-last/best pointing at complete checkpoints, and leftovers are `.tmp-*` entries that the next
-save removes. Loading never unpickles arbitrary objects: weights go through safetensors,
-state through `torch.load(weights_only=True)`.
+on disk; pointers move afterwards by an atomic replace, `best` before `last`. So a crash at
+any moment leaves last/best pointing at complete checkpoints, `best` never older than what
+`last`'s state knows of (a resume re-points it, see `point_best_at`), and leftovers are
+`.tmp-*` entries that the next save removes (unless their writer's pid is alive). Loading
+never unpickles arbitrary objects: weights go through safetensors, state through
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, META_FILE)
 LAST, BEST = "last", "best"
 TMP_PREFIX = ".tmp-"
 STEP_DIR_PATTERN = re.compile(r"step-(\d{8,})")
+TMP_PID_PATTERN = re.compile(r"-(\d+)$")
 ACCEPTED_FORMS = "a step directory, a last/best pointer, a checkpoints/ directory or a run directory"
 
 
@@ -83,9 +86,11 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(ckpt_dir)
         _write_step_dir(ckpt_dir, final, files)
-        _point(ckpt_dir, LAST, final.name)
+        # best first: a kill between the two moves then leaves `last` behind, and resuming from
+        # it redoes this step. The other way round `best` would stay on an older step for good.
         if best:
             _point(ckpt_dir, BEST, final.name)
+        _point(ckpt_dir, LAST, final.name)
         _prune(ckpt_dir, keep_last, protect)
     except OSError as exc:
         reason = exc.strerror or str(exc)
@@ -124,13 +129,29 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _remove_stale_temps(ckpt_dir: Path) -> None:
-    """Remove what crashed writers left: partial step dirs, replaced or pruned dirs, pointer links."""
+    """Remove what crashed writers left: partial step dirs, replaced or pruned dirs, pointer links.
+
+    Every temp name ends in its writer's pid; a live writer's temps are its work in progress.
+    """
     for entry in ckpt_dir.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX) and not _written_by_another_live_process(entry.name):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+
+def _written_by_another_live_process(temp_name: str) -> bool:
+    match = TMP_PID_PATTERN.search(temp_name)
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
 
 
 def _write_step_dir(ckpt_dir: Path, final: Path, files: dict[str, bytes]) -> None:
@@ -176,6 +197,24 @@ def _point(ckpt_dir: Path, name: str, target: str) -> None:
         if link.is_symlink():
             link.unlink()
     _fsync_dir(ckpt_dir)
+
+
+def point_best_at(ckpt_dir: Path, step: int | None) -> None:
+    """Point `best` at step `step` when that step directory exists (a resume's repair).
+
+    A kill between the pointer moves of a save leaves `best` ahead of the step `last` names;
+    the run resumes from `last`, whose best tracker is the truth. Nothing moves when the
+    tracker knows no best step yet or its directory is gone.
+    """
+    if step is None:
+        return
+    target = Path(ckpt_dir) / step_dir_name(step)
+    if target.is_dir() and os.path.realpath(Path(ckpt_dir) / BEST) != os.path.realpath(target):
+        try:
+            _point(Path(ckpt_dir), BEST, target.name)
+        except OSError as exc:
+            raise CheckpointError(f"could not point {Path(ckpt_dir) / BEST} at {target.name}: "
+                                  f"{exc.strerror or exc}") from None
 
 
 def _prune(ckpt_dir: Path, keep_last: int, protect: Iterable[Path]) -> None:
@@ -334,29 +373,33 @@ def checkpoint_hash(ckpt: Path | str) -> str:
     return file_sha256(resolve_checkpoint(ckpt) / WEIGHTS_FILE)
 
 
-def capture_rng_state() -> dict:
-    """Global RNG states of torch (CPU and this process's CUDA device), python `random` and numpy.
+def capture_rng_state(device: torch.device | str = "cpu") -> dict:
+    """Global RNG states of torch (CPU and the training device's CUDA), python `random` and numpy.
 
     Held as tensors, lists and numbers only, so state.pt loads with `weights_only=True`.
-    Only the current CUDA device, and only once CUDA is in use: touching every GPU from
-    every DDP rank would create a context (and waste memory) on each of them.
+    Only the training device's CUDA generator (`cuda:N` is not the current device), and only
+    once CUDA is in use: touching every GPU from every DDP rank would create a context (and
+    waste memory) on each of them.
     """
+    device = torch.device(device)
+    uses_cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized()
     version, internal, gauss_next = random.getstate()
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # keys: (624,) uint32
     return {
         "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if uses_cuda else [],
         "python": [version, list(internal), gauss_next],
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
     }
 
 
-def restore_rng_state(state: dict) -> None:
-    """Undo `capture_rng_state`; the CUDA state goes to this process's current device."""
+def restore_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
+    """Undo `capture_rng_state`; the CUDA state goes to the training `device`."""
+    device = torch.device(device)
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"][0])
+    if state["cuda"] and device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     saved = state["numpy"]

@@ -12,7 +12,6 @@ validation metrics) is taken once for all of them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 
 import torch
@@ -148,18 +147,6 @@ def sync_gradients(module: torch.nn.Module, sync: bool):
     if sync or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()
-
-
-def decorrelate_rng(seed: int, step: int) -> None:
-    """Give every rank but 0 its own torch RNG stream (dropout), a function of (seed, rank, step).
-
-    Rank 0 keeps the stream a single process has; the others would otherwise draw the same
-    dropout masks for their slice as rank 0 draws for its own.
-    """
-    if rank() == 0:
-        return
-    digest = hashlib.sha256(f"ptft-rank-rng:{seed}:{rank()}:{step}".encode()).digest()
-    torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _all_reduce_int(value: int, op) -> int:

@@ -1,12 +1,14 @@
 """The one training loop: steps, validation, best tracking, checkpoints, interrupts.
 
 Step-based: epochs are a view of steps. Everything a step does is a function of the step
-number and the state saved in the last checkpoint (data order, per-step noise seeds, RNG
-states), so a run resumed from any checkpoint ends bitwise equal to an uninterrupted one.
+number and the state saved in the last checkpoint (data order, per-step seeds of the noise and
+of the model's dropout, optimizer state), so a run resumed from any checkpoint ends bitwise
+equal to an uninterrupted one, on every rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,13 +114,61 @@ class TrainStep(torch.nn.Module):
         return self.objective(self.model, x, y, generator)
 
 
+# 2**64 / golden ratio: odd, so rank * stride differs in the low 32 bits for every pair of ranks.
+_RANK_STRIDE = 0x9E3779B97F4A7C15
+
+
 def step_seed(run_seed: int, step: int, micro: int, rank: int = 0) -> int:
     """Seed of the per-step generator (noise, masks, augmentations): a function of the step alone.
 
     Under DDP each rank draws its own noise for its own slice of the batch; rank 0 draws
-    what a single process draws.
+    what a single process draws. A CPU generator keeps only the seed's low 32 bits, so the
+    rank enters them too, times an odd constant: ranks never share a seed at the same step.
     """
-    return (run_seed * 1_000_003 + step * 64 + micro + rank * 2**40) % (2**63)
+    return (run_seed * 1_000_003 + step * 64 + micro + rank * _RANK_STRIDE) % (2**63)
+
+
+def _model_rng_seed(run_seed: int, step: int, micro: int, rank: int) -> int:
+    """Seed of torch's global generators for one micro-batch; unrelated to `step_seed`'s stream."""
+    digest = hashlib.sha256(f"ptft-model-rng:{run_seed}:{rank}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _global_seeders(device: torch.device) -> list:
+    """Seed setters of the global generators a forward on `device` draws from (dropout)."""
+    seeders = [torch.default_generator.manual_seed]
+    if device.type == "cuda":
+        # This process's training GPU only: torch.manual_seed would reseed every GPU it sees.
+        torch.cuda.init()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        seeders.append(torch.cuda.default_generators[index].manual_seed)
+    elif device.type == "mps":
+        seeders.append(torch.mps.manual_seed)
+    return seeders
+
+
+class StepRandomness:
+    """Every random draw of a training micro-batch, as a function of (seed, rank, step, micro).
+
+    The objective draws noise, masks and views from `generator`; the model (dropout) draws from
+    torch's global generators. Both are reseeded before every micro-batch on every rank, rank 0
+    included, so what a step draws never depends on where the run last started: a resumed run
+    draws what an unbroken one does on each rank, and no rank's stream needs saving. Reseeding
+    takes microseconds and no device sync.
+    """
+
+    def __init__(self, run_seed: int, device: torch.device):
+        self.run_seed, self.rank = run_seed, dist.rank()
+        self.generator = torch.Generator(device=device)
+        self._seeders = _global_seeders(device)
+
+    def reseed(self, step: int, micro: int) -> torch.Generator:
+        """Seed every generator for micro-batch `micro` of `step`; return the objective's."""
+        self.generator.manual_seed(step_seed(self.run_seed, step, micro, self.rank))
+        model_seed = _model_rng_seed(self.run_seed, step, micro, self.rank)
+        for seed in self._seeders:
+            seed(model_seed)
+        return self.generator
 
 
 def run_weights(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -130,13 +180,19 @@ def run_weights(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str,
 
 @torch.inference_mode()
 def evaluate_objective(parts: TrainParts, split, settings: LoopSettings) -> dict[str, float]:
-    """Mean objective loss (and its logs) over a split, with a fixed noise seed."""
+    """Mean objective loss (and its logs) over a split, with a fixed noise seed.
+
+    Batches of the objective's `eval_chunk_size` when it has one (its figures depend on the
+    batching), else of `settings.eval_batch_size`: either way the figures do not change with
+    data.eval_batch_size, which --resume may change.
+    """
     parts.model.eval()
     parts.objective.eval()
     generator = torch.Generator(device=parts.device).manual_seed(settings.seed)
     totals: dict[str, torch.Tensor] = {}
     count = 0
-    for x, y in iterate_eval(split.x, split.y, settings.eval_batch_size):
+    batch_size = getattr(parts.objective, "eval_chunk_size", None) or settings.eval_batch_size
+    for x, y in iterate_eval(split.x, split.y, batch_size):
         with autocast(settings.precision, parts.device):
             loss, logs = parts.objective(parts.model, x, y, generator)
         for key, value in {"loss": loss, **logs}.items():
@@ -150,14 +206,14 @@ def _train_mode(parts: TrainParts) -> None:
     keep_frozen_norms_in_eval(parts.model)
 
 
-def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int, generator: torch.Generator) -> torch.Tensor:
+def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int, rng: StepRandomness) -> torch.Tensor:
     """One optimizer step over `accumulate` micro-batches; returns the mean loss (on device)."""
     losses = []
     for micro in range(settings.accumulate):
         x, y = parts.batches.batch(step * settings.accumulate + micro)
         if parts.device.type == "cuda" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        generator.manual_seed(step_seed(settings.seed, step, micro, dist.rank()))
+        generator = rng.reseed(step, micro)
         with dist.sync_gradients(parts.step_module, sync=micro == settings.accumulate - 1):
             with autocast(settings.precision, parts.device):
                 loss, _ = parts.step_module(x, y, generator)
@@ -187,7 +243,7 @@ class _Loop:
         self.losses = torch.zeros(settings.log_every, device=parts.device)
         self.loss_count = 0
         self.window_start = 0
-        self.generator = torch.Generator(device=parts.device)  # reseeded every step
+        self.rng = StepRandomness(settings.seed, parts.device)
         # Module.train() walks every module (50-100 us, a percent of a small model's step), so it
         # runs only after evaluation or a change of frozen layers may have changed some mode.
         self.train_mode_stale = True
@@ -253,7 +309,7 @@ class _Loop:
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
             "scaler": parts.scaler.state_dict(),
-            "rng": ckpt.capture_rng_state(),
+            "rng": ckpt.capture_rng_state(parts.device),
             "tracker": self.tracker.state_dict(),
             "data": {"seed": self.settings.seed, "position": step * self.settings.accumulate,
                      "steps_per_epoch": parts.batches.steps_per_epoch},
@@ -290,7 +346,7 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step:
         while step < settings.total_steps:
             loop.refresh_freeze(step)
             loop.ensure_train_mode()
-            loop.note_loss(_optimizer_step(parts, settings, step, loop.generator), step)
+            loop.note_loss(_optimizer_step(parts, settings, step, loop.rng), step)
             step += 1
             epoch = step / steps_per_epoch
             record = loop.log_train(step, epoch) if step % settings.log_every == 0 else None
@@ -331,6 +387,6 @@ def restore_training_state(parts: TrainParts, tracker: BestTracker, state: dict)
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     tracker.load_state_dict(state["tracker"])
-    ckpt.restore_rng_state(state["rng"])
+    ckpt.restore_rng_state(state["rng"], parts.device)
     return int(state["step"])
 

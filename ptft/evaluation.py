@@ -6,6 +6,7 @@ checkpoint (plus optional overrides such as `data.root=...`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from ptft.config import Config, config_from_dict, load_config
 from ptft.console import note
 from ptft.data import build_data
 from ptft.data.batches import iterate_eval
+from ptft.data.fingerprint import val_overlap_problem
 from ptft.errors import UserError
 from ptft.models import MODELS
 from ptft.runtime import configure_backend, resolve_device
@@ -32,8 +34,10 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Pat
     path = Path(target)
     if not path.exists():
         raise UserError(f"evaluate: '{target}' does not exist (expected a config file, a run directory or a checkpoint)")
+    trusted: tuple[str, ...] = ()  # import paths the user's own config file names; meta.json's are refused
     if path.is_file():
-        run_dir = Path(load_config(path, overrides).run.dir)
+        own = load_config(path, overrides)
+        run_dir, trusted = Path(own.run.dir), (own.model.name, own.objective.name)
         if not ckpt.run_has_checkpoints(run_dir):
             raise UserError(f"evaluate: the run of config '{target}' ({run_dir}) has no checkpoint yet; train it first")
         path = run_dir
@@ -44,8 +48,23 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Pat
             f"evaluate: '{target}' is neither a config file, a run directory with checkpoints, nor a checkpoint directory"
         ) from None
     meta = ckpt.read_meta(checkpoint)
-    cfg = config_from_dict(meta["config"], f"{checkpoint}/meta.json", overrides)
-    return checkpoint, cfg, checkpoint.parent.parent
+    cfg = config_from_dict(meta["config"], f"{checkpoint}/meta.json", overrides, trusted_imports=trusted)
+    return checkpoint, cfg, _run_dir_of(path)
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run directory of a target as the user wrote it: RUN, RUN/checkpoints or RUN/checkpoints/<step|pointer>.
+
+    Read from the path, not from where its symlinks lead: a run whose checkpoints/ links to a
+    shared scratch volume keeps its eval/ at home, not beside every other run's checkpoints.
+    A step directory outside any run gets its eval/ beside it.
+    """
+    path = Path(os.path.abspath(path))  # `..` collapsed as written, symlinks kept
+    if (path / ckpt.CHECKPOINTS_DIR).is_dir():
+        return path
+    if path.name == ckpt.CHECKPOINTS_DIR or any((path / name).is_symlink() for name in (ckpt.LAST, ckpt.BEST)):
+        return path.parent
+    return path.parent.parent if path.parent.name == ckpt.CHECKPOINTS_DIR else path.parent
 
 
 @torch.inference_mode()
@@ -86,6 +105,12 @@ def _encoder_metrics(model, split, data, batch_size: int, seed: int, out_dir: Pa
     return metrics
 
 
+def _say_if_split_changed(meta: dict, fingerprint: dict) -> None:
+    problem = val_overlap_problem(meta.get("data"), fingerprint)
+    if problem is not None:  # the checkpoint evaluated is the "parent" here
+        note(f"note: the data overrides change the validation split the checkpoint was trained with; {problem}")
+
+
 def evaluate(target: str, overrides: list[str], *, split: str = "test", out: Path | None = None) -> dict:
     """Evaluate the best (else last) checkpoint of `target` on a split.
 
@@ -106,6 +131,7 @@ def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_sp
     device = resolve_device(device_spec)
     configure_backend(device)
     data = build_data(cfg.data, device)
+    _say_if_split_changed(meta, data.fingerprint)
     model = build_model(cfg, data.input_shape, data.num_classes)
     weights = {k: v for k, v in ckpt.load_weights(checkpoint).items() if not k.startswith("objective.")}
     try:

@@ -55,7 +55,7 @@ def constant(optimizer, cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup(step, cfg.warmup_steps))
 
 
-@SCHEDULES.register()
+@SCHEDULES.register(length_dependent=True)  # its curve spans total_steps: a resume may not change them
 def cosine(optimizer, cfg, total_steps: int):
     """Linear warmup, then cosine decay to schedule.min_lr_ratio x lr at the last step."""
     import torch

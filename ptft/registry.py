@@ -81,9 +81,13 @@ class Registry:
         self._load_entry_points()
         if name in self._builders:
             return self._builders[name]
-        if self.allow_import_path and ":" in name:
+        if self.is_import_path(name):
             return self._import_builder(name)
         raise UserError(self.unknown_message(name))
+
+    def is_import_path(self, name: str) -> bool:
+        """Whether `get(name)` would import a `package.module:builder` rather than return a registered builder."""
+        return self.allow_import_path and ":" in name and name not in self
 
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), self.names(), n=3, cutoff=0.5)

@@ -1,17 +1,28 @@
-"""The run directory: refusing to clobber a run, resume compatibility, the saved config."""
+"""The run directory: one run at a time, refusing to clobber a run, resume compatibility, the saved config."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from ptft import checkpoint as ckpt
 from ptft.config import Config, config_diff, config_to_yaml, load_config
 from ptft.errors import RunDirError, UserError
+from ptft.optim import SCHEDULES
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there go unlocked
+    fcntl = None
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+# What `--overwrite` clears; config.yaml is rewritten by the new run.
+RUN_OUTPUTS = (ckpt.CHECKPOINTS_DIR, "eval")
 
 # Keys a resumed run may change: they extend or observe training without changing what
 # the run means. Anything else (model, data, objective, optimizer...) is refused.
@@ -20,6 +31,47 @@ RESUME_MUTABLE_KEYS = frozenset({
     "train.eval_every_steps", "train.early_stopping_patience", "checkpoint.keep_last", "checkpoint.every_steps",
     "data.root", "data.download", "data.eval_batch_size",
 })
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (creating it) until the block ends.
+
+    Two runs in one directory would delete each other's temp checkpoints and interleave
+    metrics.jsonl. The lock is a flock on `RUN_DIR/.lock`, which holds the holder's pid for
+    the message; the kernel drops it when the holder dies, even by `kill -9`, so a killed
+    run never blocks `--resume`. The file itself stays: unlinking it would let a third run
+    lock a new file while the second still holds the old one.
+
+    Raises:
+        RunDirError: another live process holds the lock, or the directory cannot be written.
+    """
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirError(f"run.dir '{run_dir}' is not writable: {exc.strerror or exc}") from None
+    try:
+        _lock(fd, run_dir)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, run_dir: Path) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise RunDirError(
+            f"run.dir '{run_dir}' is in use by another ptft run (pid {holder}); wait for it to finish or stop it "
+            f"(then --resume continues it), or choose another run.dir=..."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -45,11 +97,29 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | N
                 f"run.dir '{run_dir}' already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 f"or choose another run.dir=..."
             )
-        for name in ("checkpoints", "eval"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        for name in RUN_OUTPUTS:
+            _remove_outputs(run_dir / name)
+        _remove_outputs(run_dir / METRICS_FILE)
     ensure_writable(run_dir)
     return None
+
+
+def _remove_outputs(path: Path) -> None:
+    """Delete a previous run's outputs; a symlinked directory is emptied and the link kept.
+
+    rmtree refuses a symlink, and ignoring that error kept the old run (its `best`, its
+    higher step numbers) under the new one.
+    """
+    try:
+        for entry in path.iterdir() if path.is_symlink() and path.is_dir() else [path]:
+            # Links inside are removed, never followed: only the top-level link leads to our outputs.
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--overwrite: could not delete '{exc.filename or path}' of the previous run: "
+                          f"{exc.strerror or exc}") from None
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -72,6 +142,27 @@ def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
             f"{', '.join(changed)}. Resume with the run's own config ({run_dir / CONFIG_FILE}), or start a new run.dir "
             f"(only {', '.join(sorted(RESUME_MUTABLE_KEYS))} may change)"
         )
+    _check_schedule_length(run_dir, saved, cfg)
+
+
+def _run_length(cfg: Config) -> tuple[str, int]:
+    # max_steps wins over epochs (stages.loop_settings), so only the key in force sets the length.
+    if cfg.train.max_steps:
+        return "train.max_steps", cfg.train.max_steps
+    return "train.epochs", cfg.train.epochs
+
+
+def _check_schedule_length(run_dir: Path, saved: Config, cfg: Config) -> None:
+    """A schedule spread over the run's length (cosine) would jump if a resume changed the length."""
+    (old_key, old), (key, new) = _run_length(saved), _run_length(cfg)
+    if (old_key, old) == (key, new) or not SCHEDULES.meta(cfg.schedule.name).get("length_dependent"):
+        return
+    raise UserError(
+        f"--resume: {key}={new} changes the length of the run in '{run_dir}' ({old_key}={old}), but "
+        f"schedule.name '{cfg.schedule.name}' spreads the learning rate over that length, so it would jump "
+        f"mid-run. Resume with {old_key}={old}, or train longer as a new run from its weights: "
+        f"run.dir=NEW_DIR init.checkpoint={run_dir / ckpt.CHECKPOINTS_DIR / ckpt.LAST} {key}=..."
+    )
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

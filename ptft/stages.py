@@ -7,6 +7,7 @@ happen: finetuning needs a classifier, trains on the labelled subset, starts fro
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 from pathlib import Path
@@ -19,14 +20,14 @@ from ptft import distributed as dist
 from ptft.config import Config, config_hash, config_to_yaml
 from ptft.console import MetricsLog, note, print_key_report
 from ptft.data import build_data
-from ptft.data.batches import DeviceBatches
+from ptft.data.batches import DeviceBatches, iterate_eval
 from ptft.engine import BestTracker, LoopSettings, TrainParts, TrainStep, fit, restore_training_state
 from ptft.errors import UserError
-from ptft.finetuning import frozen_patterns
+from ptft.finetuning import check_freeze_patterns, check_parent_split, frozen_patterns, random_probe_warning
 from ptft.models import MODELS, summarize
 from ptft.objectives import OBJECTIVES
 from ptft.optim import OPTIMIZERS, SCHEDULES, build_param_groups
-from ptft.rundir import check_resume_compatible, prepare_run_dir, write_config
+from ptft.rundir import check_resume_compatible, prepare_run_dir, run_dir_lock, write_config
 from ptft.runtime import check_precision, configure_backend, resolve_device, seed_everything
 from ptft.weights import match_into, read_state_dict
 
@@ -50,22 +51,29 @@ def check_stage(cfg: Config, stage: str) -> None:
         raise UserError(f"objective.name: finetune uses 'supervised', got {cfg.objective.name!r}")
 
 
-def load_init_weights(cfg: Config, model: torch.nn.Module) -> dict:
-    """Load `init.checkpoint` into a fresh model, print the key report, return lineage facts."""
+def load_init_weights(cfg: Config, model: torch.nn.Module, fingerprint: dict) -> dict:
+    """Load `init.checkpoint` into a fresh model, print the key report, return lineage facts.
+
+    `fingerprint` is this run's data split (DataBundle.fingerprint), held against a ptft parent's.
+    """
     source = cfg.init.checkpoint
     state = read_state_dict(source, prefix_map=cfg.init.prefix_map)
-    report = match_into(model, state, load_head=cfg.init.load_head, strict=cfg.init.strict, source=str(source))
-    if dist.is_writer():
-        print_key_report(report.rows(), source)
-    parent = {"path": str(source), "report": report.as_dict()}
+    parent = {"path": str(source)}
     try:
         resolved = ckpt.resolve_checkpoint(source)
     except UserError:  # a foreign file, not a ptft checkpoint directory
         parent.update(hash=ckpt.file_sha256(Path(source)), lineage=[])
     else:
         parent_meta = ckpt.read_meta(resolved)
+        warning = check_parent_split(fingerprint, parent_meta, source)
+        if warning and dist.is_writer():
+            note(warning)
         parent.update(path=str(resolved), hash=ckpt.checkpoint_hash(resolved),
                       lineage=parent_meta.get("lineage", []) + [_lineage_entry(resolved, parent_meta)])
+    report = match_into(model, state, load_head=cfg.init.load_head, strict=cfg.init.strict, source=str(source))
+    if dist.is_writer():
+        print_key_report(report.rows(), source)
+    parent["report"] = report.as_dict()
     return parent
 
 
@@ -91,6 +99,8 @@ def _meta_base(cfg: Config, stage: str, data, parent: dict | None) -> dict:
         "stage": stage, "config_hash": config_hash(cfg), "config": cfg.model_dump(mode="json"),
         "model": {"name": cfg.model.name, "options": cfg.model.options, "kind": MODELS.meta(cfg.model.name).get("kind")},
         "objective": cfg.objective.name, "data": data.fingerprint,
+        # What predict / embed / export need to feed the model without the training data at hand.
+        "inputs": {"shape": list(data.input_shape), "class_names": list(data.class_names)},
         "versions": {"ptft": ptft.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "parent": parent, "lineage": list(parent["lineage"]) if parent else [],
     }
@@ -106,7 +116,8 @@ def train(cfg: Config, stage: str, *, resume: bool = False, overwrite: bool = Fa
         TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was written (exit 130).
     """
     check_stage(cfg, stage)
-    with dist.session(cfg.train.device) as device_spec:
+    # `held` keeps the run dir's lock (taken by rank 0 in _prepare) until fitting ends.
+    with dist.session(cfg.train.device) as device_spec, contextlib.ExitStack() as held:
         device = resolve_device(device_spec)
         check_precision(cfg.train.precision, device)
         configure_backend(device)
@@ -115,22 +126,73 @@ def train(cfg: Config, stage: str, *, resume: bool = False, overwrite: bool = Fa
         model = build_model(cfg, data.input_shape, data.num_classes)
         objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
         train_split = data.labelled if objective.needs_labels else data.unlabelled
+        parent = check_before_training(cfg, stage, model, objective, data, train_split, resume)
         if dry_run:
             if dist.is_writer():
                 _print_dry_run(cfg, model, objective, data, train_split)
             return None
         dist.check_global_batch(cfg.data.batch_size, len(train_split.x))
         run_dir = Path(cfg.run.dir)
-        resume_from = dist.on_writer(_prepare, run_dir, cfg, resume, overwrite)
-        parent = None
-        if cfg.init.checkpoint and not resume:
-            parent = load_init_weights(cfg, model)
+        resume_from = dist.on_writer(_prepare, run_dir, cfg, resume, overwrite, held)
         if dist.is_writer():
             write_config(run_dir, cfg)
         return _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resume_from, parent)
 
 
-def _prepare(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> Path | None:
+def check_before_training(cfg: Config, stage: str, model, objective, data, train_split, resume: bool) -> dict | None:
+    """What a dry run and a real run refuse before step 1, cheapest first; loads `init.checkpoint`.
+
+    Returns:
+        The init checkpoint's lineage facts (`load_init_weights`), or None without one.
+    Raises:
+        UserError: a freeze pattern matching nothing, a monitor validation never logs, init
+            weights that do not load, a supervised parent split another way.
+    """
+    if stage == "finetune":
+        check_freeze_patterns(model, cfg.finetune.freeze)
+        warning = random_probe_warning(cfg.finetune, cfg.init.checkpoint)
+        if warning and dist.is_writer():
+            note(warning)
+    examples = data.val if len(data.val.x) else train_split  # the names do not depend on the examples
+    check_monitor(cfg.checkpoint.monitor, validation_metric_names(model, objective, examples, cfg.run.seed))
+    if cfg.init.checkpoint and not resume:
+        return load_init_weights(cfg, model, data.fingerprint)
+    return None
+
+
+# Validation of a few examples tells the metric names: the model stays on the CPU, uncompiled.
+MONITOR_PROBE_EXAMPLES = 4
+
+
+@torch.inference_mode()
+def validation_metric_names(model: torch.nn.Module, objective: torch.nn.Module, val, seed: int) -> list[str]:
+    """The metrics `engine.evaluate_objective` logs for this objective: "val/loss" and "val/<log>".
+
+    One eval-mode pass over the first few validation examples, moved to the model's device:
+    weights and batch-norm statistics stay as they are, and the train/eval modes are restored.
+    """
+    device = next(model.parameters()).device
+    x, y = next(iterate_eval(val.x[:MONITOR_PROBE_EXAMPLES], val.y[:MONITOR_PROBE_EXAMPLES], MONITOR_PROBE_EXAMPLES))
+    modes = [(module, module.training) for module in (*model.modules(), *objective.modules())]
+    model.eval()
+    objective.eval()
+    try:
+        _, logs = objective(model, x.to(device), y.to(device), torch.Generator(device=device).manual_seed(seed))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return ["val/loss", *(f"val/{key}" for key in logs)]
+
+
+def check_monitor(monitor: str, names: list[str]) -> None:
+    """Refuse a checkpoint.monitor that validation never logs, rather than at its first evaluation."""
+    if monitor not in names:
+        raise UserError(f"checkpoint.monitor: {monitor!r} is not a metric this objective's validation logs; "
+                        f"it logs {', '.join(names)}")
+
+
+def _prepare(run_dir: Path, cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> Path | None:
+    held.enter_context(run_dir_lock(run_dir))  # before anything reads or clears the directory
     resume_from = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_compatible(run_dir, cfg)
@@ -175,7 +237,6 @@ def _fit(cfg, stage, device, data, model, objective, train_split, run_dir, resum
         protect = (resume_from,)
         if dist.is_writer():
             note(f"resuming {run_dir} from step {start_step} ({resume_from.name})")
-    dist.decorrelate_rng(cfg.run.seed, start_step)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_from else None) if dist.is_writer() else None
     result = fit(parts, settings, run_dir, start_step=start_step, tracker=tracker, meta_base=meta_base, log=log,
                  protect=protect)
@@ -201,6 +262,8 @@ def _resume(parts: TrainParts, tracker: BestTracker, checkpoint: Path, meta_base
     parts.model.load_state_dict(model_keys)
     parts.objective.load_state_dict(objective_keys)
     step = restore_training_state(parts, tracker, ckpt.load_state(checkpoint))
+    if dist.is_writer():  # a kill between a save's pointer moves may have left `best` elsewhere
+        ckpt.point_best_at(checkpoint.parent, tracker.best_step)
     saved = ckpt.read_meta(checkpoint)
     # Lineage belongs to the run, not to this invocation: keep the parent the run started from.
     meta_base = {**meta_base, "parent": saved.get("parent"), "lineage": saved.get("lineage", [])}

@@ -26,6 +26,10 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 LIGHTNING_PREFIX = "model."
 PTFT_PREFIXES = ("encoder.", "decoder.", "head.", "objective.")
 HEAD_PREFIX = "head."
+# Batch norm's step counter, which torchvision's original ImageNet files predate: a model keeps its
+# own count when a file lacks it (as torch's loader does), so it is never "missing" and never stops
+# a strict load. Only momentum=None batch norm reads it.
+BATCH_COUNTER_SUFFIX = "num_batches_tracked"
 EXPECTED_SOURCES = "a ptft checkpoint or run directory, or a .safetensors, .pt, .pth, .bin or .ckpt file"
 SHOWN_NAMES = 20
 
@@ -134,7 +138,7 @@ class KeyReport:
     loaded: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)  # loaded after summing input channels (RGB conv -> grey)
     skipped_head: list[str] = field(default_factory=list)  # file's head.* kept out; the fresh head stays
-    missing: list[str] = field(default_factory=list)  # model keys the file lacks
+    missing: list[str] = field(default_factory=list)  # model keys the file lacks (batch-norm counters aside)
     unexpected: list[str] = field(default_factory=list)  # file keys the model lacks (decoder.*, objective.*)
     # (name, file shape, model shape)
     shape_mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
@@ -216,13 +220,28 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
             report.adapted.append(name)
         else:
             report.shape_mismatched.append((name, tuple(tensor.shape), tuple(wanted)))
-    report.missing = [name for name in target if name not in state]
-    _check_encoder_loaded(report, state, encoder_prefix, strict, source or "weights")
+    report.missing = [name for name in target if name not in state and not name.endswith(BATCH_COUNTER_SUFFIX)]
+    hints = _mismatch_hints(model, report.shape_mismatched, encoder_prefix)
+    _check_encoder_loaded(report, state, encoder_prefix, strict, source or "weights", hints)
     model.load_state_dict(to_load, strict=False)
     return report
 
 
-def _check_encoder_loaded(report: KeyReport, state: dict, prefix: str, strict: bool, source: str) -> None:
+def _mismatch_hints(model: torch.nn.Module, mismatched: list, prefix: str) -> list[str]:
+    """The encoder's own fixes for shape mismatches, in config terms (ResNet: model.small_input).
+
+    Only the model knows which of its options shape a tensor, so an encoder may define
+    `explain_mismatch(name, file_shape, model_shape) -> str | None`, name without `prefix`.
+    """
+    explain = getattr(getattr(model, prefix.rstrip("."), None), "explain_mismatch", None)
+    if explain is None:
+        return []
+    hints = (explain(n[len(prefix):], f, m) for n, f, m in mismatched if n.startswith(prefix))
+    return list(dict.fromkeys(h for h in hints if h))
+
+
+def _check_encoder_loaded(report: KeyReport, state: dict, prefix: str, strict: bool, source: str,
+                          hints: list[str]) -> None:
     if not any(n.startswith(prefix) for n in report.loaded + report.adapted):
         raise CheckpointError(_nothing_loaded_message(report, state, prefix, source))
     if not strict:
@@ -232,10 +251,10 @@ def _check_encoder_loaded(report: KeyReport, state: dict, prefix: str, strict: b
                    if n.startswith(prefix)]
     if not_loaded:
         more = f", ... ({len(not_loaded) - SHOWN_NAMES} more)" if len(not_loaded) > SHOWN_NAMES else ""
+        fix = "; ".join(hints) or "Check that model options match the checkpoint's, map names with init.prefix_map"
         raise CheckpointError(f"{source}: init.strict is true but {len(not_loaded)} {prefix}* key(s) of the model "
-                              f"were not loaded: {', '.join(not_loaded[:SHOWN_NAMES])}{more}. Check that model options match the "
-                              f"checkpoint's, map names with init.prefix_map, or set init.strict=false to load "
-                              f"only what matches")
+                              f"were not loaded: {', '.join(not_loaded[:SHOWN_NAMES])}{more}. {fix}, or set "
+                              f"init.strict=false to load only what matches")
 
 
 def _nothing_loaded_message(report: KeyReport, state: dict, prefix: str, source: str) -> str:

@@ -8,12 +8,26 @@ checks they agree, so the reference cannot drift from the code.
 from __future__ import annotations
 
 import sys
+import types
+import typing
 
 
 def _type_name(annotation) -> str:
-    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
-    text = text or str(annotation).replace("typing.", "")
-    return text.replace("NoneType", "null").replace("|", "\\|")
+    return _plain_type(annotation).replace("|", "\\|")
+
+
+def _plain_type(annotation) -> str:
+    """`int | None`, `tuple[float, float]`: the type as users read it; ranges (Annotated) are left out."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _plain_type(args[0])
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_plain_type(arg) for arg in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_plain_type(arg) for arg in args)}]"
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 def reference() -> str:

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_finetune_config, tiny_pretrain_config, write_yaml
+from ptft.rundir import LOCK_FILE
 
 
 def _tree_digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
+        if path.name == LOCK_FILE:  # holds the pid of the last process to lock the run, not the run
+            continue
         digest.update(str(path.relative_to(root)).encode())
         if path.is_symlink():
             digest.update(str(path.readlink()).encode())
@@ -66,6 +69,16 @@ def _foreign_file(tmp: Path) -> Path:
     return path
 
 
+def _supervised_run(tmp: Path) -> Path:
+    """A tiny classifier pretrained with labels on digits' default split (data.split_seed=0)."""
+    from ptft.config import load_config
+    from ptft.stages import train
+
+    config = _config(tmp, tmp / "sup", model={"name": "tiny_mlp_classifier"}, objective={"name": "supervised"},
+                     train={"max_steps": 2, "eval_every_steps": 2})
+    return train(load_config(config), "pretrain")
+
+
 def _extends_cycle(tmp: Path) -> Path:
     _text(tmp, "extends: a.yaml\n", "b.yaml")
     return _text(tmp, "extends: b.yaml\n", "a.yaml")
@@ -90,7 +103,8 @@ CASES = [
     ("batch_size 0", lambda t, e: ["pretrain", _config(t, t / "r"), "data.batch_size=0"], ["data.batch_size"]),
     ("too many labels per class", lambda t, e: ["finetune", _finetune(t, t / "r", None), "data.labels_per_class=5000"],
      ["data.labels_per_class", "5000"]),
-    ("epochs and max_steps", lambda t, e: ["pretrain", _config(t, t / "r"), "train.epochs=2"],
+    # Both in one file (an override of one replaces the file's other).
+    ("epochs and max_steps", lambda t, e: ["pretrain", _config(t, t / "r", train={"epochs": 2})],
      ["train.epochs", "train.max_steps"]),
     ("neither epochs nor max_steps", lambda t, e: ["pretrain", _config(t, t / "r"), "train.max_steps=null"],
      ["train.epochs", "train.max_steps"]),
@@ -145,6 +159,20 @@ CASES = [
                                                      "finetune.freeze=[encodr.*]"], ["encodr.*"]),
     ("monitor not logged", lambda t, e: ["pretrain", _config(t, t / "r"), "checkpoint.monitor=val/accuracy"],
      ["checkpoint.monitor", "val/accuracy"]),
+    # A dry run builds data and model: it catches what needs them, without training.
+    ("dry run: monitor not logged", lambda t, e: ["pretrain", _config(t, t / "r"), "checkpoint.monitor=val/acc",
+                                                  "--dry-run"], ["checkpoint.monitor", "val/acc", "val/loss"]),
+    ("dry run: freeze pattern matches nothing", lambda t, e: ["finetune", _finetune(t, t / "r", None),
+                                                              "finetune.freeze=[encodr.*]", "--dry-run"],
+     ["encodr.*", "encoder.blocks.0.linear.weight"]),
+    ("dry run: init keys match nothing", lambda t, e: ["finetune", _finetune(t, t / "r", str(_foreign_file(t))),
+                                                       "--dry-run"], ["backbone."]),
+    ("dry run: init incompatible architecture", lambda t, e: ["finetune", _finetune(t, t / "r", str(e / "runs" / "ae")),
+                                                              "model.name=tiny_conv_classifier", "--dry-run"],
+     ["encoder"]),
+    ("split differs from a supervised parent",
+     lambda t, e: ["finetune", _finetune(t, t / "r", str(_supervised_run(t))), "data.split_seed=7"],
+     ["data.split_seed:", "split_seed 7", "val_fraction", "set data.split_seed=0"]),
 ]
 
 

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -122,15 +123,58 @@ def test_resave_of_an_existing_step_replaces_it(tmp_path):
     assert step_names(tmp_path) == ["step-00000001", "step-00000002"]
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (a crashed writer's)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_leftover_temp_dirs_are_ignored_then_removed(tmp_path):
     save(tmp_path, 1, best=True)
-    crashed = tmp_path / "checkpoints" / ".tmp-step-00000002-99999"
+    crashed = tmp_path / "checkpoints" / f".tmp-step-00000002-{dead_pid()}"
     crashed.mkdir()
     (crashed / "model.safetensors").write_bytes(b"half a fi")
+    (tmp_path / "checkpoints" / f".tmp-last-{dead_pid()}").symlink_to("step-00000001")
     assert ckpt.resolve_checkpoint(tmp_path).name == "step-00000001"
     assert step_names(tmp_path) == ["step-00000001"]
     save(tmp_path, 3)
-    assert not crashed.exists()
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_temps_of_another_live_process_are_left_alone(tmp_path):
+    save(tmp_path, 1)
+    in_flight = tmp_path / "checkpoints" / f".tmp-step-00000002-{os.getppid()}"  # a live pid, not ours
+    in_flight.mkdir()
+    (in_flight / "model.safetensors").write_bytes(b"being written")
+    save(tmp_path, 3)
+    assert (in_flight / "model.safetensors").read_bytes() == b"being written"
+
+
+def test_a_crash_between_pointer_moves_leaves_best_ahead_never_behind(tmp_path, monkeypatch):
+    save(tmp_path, 1, best=True)
+    real_point = ckpt._point
+
+    def crash_after_first_pointer(ckpt_dir, name, target):
+        real_point(ckpt_dir, name, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_point", crash_after_first_pointer)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2, best=True)
+    # `last` still names step 1, whose tracker knows no better step: resume re-points best there.
+    assert pointer(tmp_path, "best") == "step-00000002" and pointer(tmp_path, "last") == "step-00000001"
+
+
+def test_point_best_at_moves_best_only_to_an_existing_step(tmp_path):
+    save(tmp_path, 1, best=True)
+    save(tmp_path, 2, best=True)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt.point_best_at(ckpt_dir, 1)
+    assert pointer(tmp_path, "best") == "step-00000001"
+    for missing in (7, None):
+        ckpt.point_best_at(ckpt_dir, missing)
+        assert pointer(tmp_path, "best") == "step-00000001"
 
 
 def test_failure_mid_write_leaves_pointers_and_no_temp(tmp_path, monkeypatch):
@@ -302,3 +346,37 @@ def test_rng_round_trip_through_state_pt(tmp_path, restore_global_rng):
     assert random.random() == expected[1]
     assert np.array_equal(np.random.rand(2), expected[2])
     assert np.random.normal() == expected[3]
+
+
+class FakeCuda:
+    """torch.cuda's RNG functions on a machine without a GPU, recording which device each call names."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, int | None]] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+
+    def get_rng_state(self, device="cuda"):
+        self.calls.append(("get", torch.device(device).index))
+        return torch.tensor([7, 1], dtype=torch.uint8)
+
+    def set_rng_state(self, state, device="cuda"):
+        self.calls.append(("set", torch.device(device).index))
+        assert state.tolist() == [7, 1]
+
+
+def test_cuda_rng_state_is_the_training_devices(tmp_path, monkeypatch, restore_global_rng):
+    cuda = FakeCuda(monkeypatch)
+    rng = ckpt.capture_rng_state(torch.device("cuda:1"))
+    ckpt.save_checkpoint(tmp_path, 1, weights_at(1), {"rng": rng}, {}, best=False, keep_last=1)
+    ckpt.restore_rng_state(ckpt.load_state(tmp_path)["rng"], torch.device("cuda:1"))
+    assert cuda.calls == [("get", 1), ("set", 1)]
+
+
+def test_cpu_training_captures_no_cuda_rng_state(monkeypatch, restore_global_rng):
+    cuda = FakeCuda(monkeypatch)
+    rng = ckpt.capture_rng_state(torch.device("cpu"))
+    ckpt.restore_rng_state(rng, torch.device("cpu"))
+    assert rng["cuda"] == [] and cuda.calls == []

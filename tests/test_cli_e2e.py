@@ -60,6 +60,45 @@ def test_evaluate_autoencoder_reports_reconstruction_and_probes(pretrained, tmp_
     assert (tmp_path / "runs" / "ae" / "eval" / "val" / "reconstructions.png").exists()
 
 
+def test_evaluate_writes_under_the_run_named_when_checkpoints_is_a_symlink(pretrained, tmp_path, ptft):
+    # Checkpoints on a shared scratch volume: evaluating must not write beside them, where
+    # every run on the volume would overwrite the others' metrics.
+    run, scratch = tmp_path / "runs" / "ae", tmp_path / "scratch"
+    scratch.mkdir()
+    (run / "checkpoints").rename(scratch / "ae-checkpoints")
+    (run / "checkpoints").symlink_to(scratch / "ae-checkpoints", target_is_directory=True)
+    for target, split in ((run, "test"), (run / "checkpoints" / "best", "val"), (run / "checkpoints", "val")):
+        result = ptft("evaluate", target, "--split", split)
+        assert result.code == 0, result.stderr
+        saved = json.loads((run / "eval" / split / "metrics.json").read_text())
+        assert saved == json.loads(result.stdout)
+    assert sorted(p.name for p in scratch.iterdir()) == ["ae-checkpoints"]
+    assert not (scratch / "ae-checkpoints" / "eval").exists()
+
+
+def test_evaluate_with_a_changed_split_says_so_once(pretrained, tmp_path, ptft):
+    changed = ptft("evaluate", pretrained, "--split", "val", "data.split_seed=5")
+    assert changed.code == 0, changed.stderr
+    lines = [line for line in changed.stderr.splitlines() if "data.split_seed" in line]
+    assert len(lines) == 1 and "split_seed 5" in lines[0] and "set data.split_seed=0" in lines[0]
+    same = ptft("evaluate", pretrained, "--split", "val", "data.eval_batch_size=7")
+    assert same.code == 0 and "data.split_seed" not in same.stderr
+
+
+def test_monitor_no_validation_logs_is_refused_before_step_1(tmp_path, ptft):
+    config = write_yaml(tmp_path / "ae.yaml", tiny_pretrain_config(tmp_path / "runs" / "ae"))
+    for flags in (["--dry-run"], []):
+        result = ptft("pretrain", config, "checkpoint.monitor=val/acc", *flags)
+        assert result.code == 2 and "Traceback" not in result.stderr and result.stdout == ""
+        message = " ".join(result.stderr.split())
+        assert "checkpoint.monitor" in message and "'val/acc'" in message and "val/loss" in message
+        assert not (tmp_path / "runs" / "ae").exists()  # nothing trained, nothing written
+    # A classifier's supervised validation does log val/acc.
+    finetune = write_yaml(tmp_path / "ft.yaml", tiny_finetune_config(tmp_path / "runs" / "ft", None))
+    assert ptft("finetune", finetune, "init.checkpoint=null", "checkpoint.monitor=val/acc", "checkpoint.mode=max",
+                "--dry-run").code == 0
+
+
 def test_finetune_from_scratch_is_one_override_away(tmp_path, ptft):
     config = write_yaml(tmp_path / "ft.yaml", tiny_finetune_config(tmp_path / "runs" / "scratch", "missing/run"))
     result = ptft("finetune", config, "init.checkpoint=null")

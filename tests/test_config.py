@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 import pytest
@@ -54,6 +54,12 @@ def fake_encoder(input_shape, num_classes, *, latent: int = 4):
 
 def plugin_model(input_shape, num_classes, *, width: int):
     """Not registered: reached as `module:plugin_model`; `width` has no default."""
+    return _never_built()
+
+
+def ranged_model(input_shape, num_classes, *, width: Annotated[int, pydantic.Field(ge=2)] = 4,
+                 sizes: Annotated[list[Annotated[int, pydantic.Field(ge=1)]], pydantic.Field(min_length=1)] = [1]):
+    """Not registered: reached as `module:ranged_model`; ranges declared in the annotations."""
     return _never_built()
 
 
@@ -330,11 +336,11 @@ def test_unknown_registry_names_use_the_registrys_message(tmp_path, sections, ke
 
 def test_problems_from_overrides_name_the_override(tmp_path):
     path = write(tmp_path / "c.yaml", with_minimal(optim={"lr": -1}))
-    assert problems(path, ["optim.lrr=0.1", "model.hidden=[a]", "train.epochs=2", "model.name=mlp_autoencodr"]) == [
+    assert problems(path, ["optim.lrr=0.1", "model.hidden=[a]", "train.epochs=0", "model.name=mlp_autoencodr"]) == [
         "model.name (from override 'model.name=mlp_autoencodr'): " + MODELS.unknown_message("mlp_autoencodr"),
         "optim.lr: expected a number > 0, got -1",
         "optim.lrr (from override 'optim.lrr=0.1'): unknown key; did you mean 'optim.lr'?",
-        "train.epochs, train.max_steps (from override 'train.epochs=2'): set exactly one of the two; got both",
+        "train.epochs (from override 'train.epochs=0'): expected an integer >= 1 or null, got 0",
     ]
     assert problems(path, ["optim.lr=0.1", "model.hidden=[a]"]) == [
         "model.hidden (from override 'model.hidden=[a]'): expected a list of integers, got ['a']"]
@@ -472,3 +478,68 @@ def test_real_mlp_autoencoder_options_are_validated(tmp_path, monkeypatch):
     assert cfg.objective.name == "reconstruction"
     assert problems(path, ["model.hiden=[8]"]) == [
         "model.hiden (from override 'model.hiden=[8]'): unknown key; did you mean 'model.hidden'?"]
+
+
+# ---- checkpoint.mode from the monitored metric --------------------------------------------------
+
+@pytest.mark.parametrize("monitor, mode", [("val/loss", "min"), ("val/acc", "max"), ("val/knn_acc", "max"),
+                                           ("val/accuracy", "max"), ("val/macro_f1", "max"), ("val/psnr", "max"),
+                                           ("val/mse", "min"), ("val/recon_error", "min")])
+def test_checkpoint_mode_is_inferred_from_the_monitored_metric_and_written_out(tmp_path, monitor, mode):
+    cfg = load_config(write(tmp_path / "c.yaml", with_minimal(checkpoint={"monitor": monitor})))
+    assert cfg.checkpoint.mode == mode
+    assert yaml.safe_load(config_to_yaml(cfg))["checkpoint"] == {
+        "every_steps": None, "keep_last": 2, "monitor": monitor, "mode": mode}
+
+
+def test_checkpoint_mode_contradicting_a_known_metric_names_both_keys(tmp_path):
+    path = write(tmp_path / "c.yaml", with_minimal(checkpoint={"monitor": "val/acc", "mode": "min"}))
+    assert problems(path) == [
+        "checkpoint.mode, checkpoint.monitor: mode 'min' would keep the worst checkpoint: a larger val/acc is "
+        "better; set mode: max or leave mode out"]
+    assert problems(write(tmp_path / "d.yaml", MINIMAL), ["checkpoint.mode=max"]) == [
+        "checkpoint.mode, checkpoint.monitor (from override 'checkpoint.mode=max'): mode 'max' would keep the worst "
+        "checkpoint: a smaller val/loss is better; set mode: min or leave mode out"]
+
+
+def test_metric_of_unknown_direction_asks_for_checkpoint_mode(tmp_path):
+    path = write(tmp_path / "c.yaml", with_minimal(checkpoint={"monitor": "val/sharpness"}))
+    assert problems(path) == [
+        "checkpoint.mode: required for monitor 'val/sharpness', whose direction ptft does not know: "
+        "min if smaller is better, max if larger is"]
+    assert load_config(path, ["checkpoint.mode=max"]).checkpoint.mode == "max"
+
+
+def test_saved_config_with_mode_min_for_val_loss_loads_unchanged(tmp_path):
+    saved = load_config(write(tmp_path / "c.yaml", MINIMAL)).model_dump(mode="json")
+    assert saved["checkpoint"] == {"every_steps": None, "keep_last": 2, "monitor": "val/loss", "mode": "min"}
+    assert config_from_dict(saved, "config.yaml").checkpoint.mode == "min"
+
+
+# ---- import paths in a config read from a run ---------------------------------------------------
+
+def test_config_from_a_run_refuses_import_paths_the_user_did_not_name(tmp_path, monkeypatch):
+    name = f"{__name__}:plugin_model"
+    saved = load_config(write(tmp_path / "c.yaml", with_minimal(
+        model={"name": name, "width": 3}, objective={"name": "contrastive"}))).model_dump(mode="json")
+    monkeypatch.delenv("PTFT_TRUSTED_IMPORTS", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(saved, "run/meta.json", ["optim.lr=-1"])
+    assert caught.value.problems == [
+        f"model.name: {name!r} would import module {__name__!r}, named by this file rather than by your own config "
+        f"or command line, so ptft does not import it; if you trust that module, allow it with "
+        f"PTFT_TRUSTED_IMPORTS={__name__} (comma-separated module names)",
+        "optim.lr (from override 'optim.lr=-1'): expected a number > 0, got -1"]
+    assert config_from_dict(saved, "run/meta.json", [f"model.name={name}"]).model.options == {"width": 3}
+    assert config_from_dict(saved, "run/meta.json", trusted_imports=[name]).model.name == name
+    monkeypatch.setenv("PTFT_TRUSTED_IMPORTS", f"elsewhere, {__name__}")
+    assert config_from_dict(saved, "run/meta.json").model.name == name
+
+
+def test_builder_option_ranges_declared_in_annotations_are_checked(tmp_path):
+    name = f"{__name__}:ranged_model"
+    path = write(tmp_path / "c.yaml", with_minimal(model={"name": name}, objective={"name": "contrastive"}))
+    assert load_config(path).model.options == {"width": 4, "sizes": [1]}
+    assert problems(path, ["model.width=1", "model.sizes=[]"]) == [
+        "model.width (from override 'model.width=1'): expected an integer >= 2, got 1",
+        "model.sizes (from override 'model.sizes=[]'): expected a non-empty list of integers >= 1, got []"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from ptft.data import DATASETS, DatasetTensors, build_data, sources
 from ptft.data.batches import DeviceBatches, iterate_eval, to_float
+from ptft.data.fingerprint import val_overlap_problem
 from ptft.data.splits import label_subset, train_val_split
 from ptft.errors import DataError
 
@@ -43,8 +45,8 @@ def skewed_labels() -> torch.Tensor:
 
 # ---- import discipline -------------------------------------------------------------------------
 
-def test_import_ptft_data_imports_no_torch():
-    code = ("import sys, ptft.data as d; names = d.DATASETS.names(); "
+def test_import_ptft_data_and_its_fingerprint_imports_no_torch():
+    code = ("import sys, ptft.data as d, ptft.data.fingerprint; names = d.DATASETS.names(); "
             "heavy = [m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules]; print(names, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == ("['cifar10', 'cifar100', 'digits', 'fashion_mnist', 'imagefolder', 'kmnist', 'mnist', "
@@ -185,6 +187,14 @@ def test_train_val_split_is_stratified_disjoint_and_seeded():
     assert not torch.equal(train_val_split(labels, 0.2, seed=4)[1], val)
 
 
+def test_train_val_split_leaves_every_class_a_training_example():
+    # Half of 1 example rounds up to 1 and of 2 examples to 1: validation takes at most all but one.
+    labels = torch.tensor([2] * 10 + [0] + [1] * 2)
+    train, val = train_val_split(labels, 0.5, seed=0)
+    assert torch.bincount(labels[val], minlength=3).tolist() == [0, 1, 5]
+    assert torch.bincount(labels[train], minlength=3).tolist() == [1, 1, 5]
+
+
 def test_label_subset_per_class_budget_is_exact_and_seeded():
     labels = skewed_labels()
     chosen = label_subset(labels, labels_per_class=5, seed=0)
@@ -252,8 +262,36 @@ def test_build_data_on_digits(digits):
 def test_build_data_errors_name_the_key():
     with pytest.raises(DataError, match="data.labels_per_class: 51 "):
         build_data(data_cfg(labels_per_class=51), "cpu")
-    with pytest.raises(DataError, match="data.val_fraction: 1.0 leaves no training examples"):
-        build_data(data_cfg(val_fraction=1.0), "cpu")
+
+
+def fake_dataset(monkeypatch, labels: list[int]) -> None:
+    """Make every dataset name load 4x4 uint8 images with these train labels (and a tiny test split)."""
+    y = torch.tensor(labels)
+    fake = DatasetTensors(train_x=torch.arange(len(y), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4),
+                          train_y=y, test_x=torch.zeros(2, 1, 4, 4, dtype=torch.uint8), test_y=torch.tensor([0, 1]),
+                          num_classes=int(y.max()) + 1, class_names=[str(c) for c in range(int(y.max()) + 1)])
+    monkeypatch.setattr(DATASETS, "get", lambda name: lambda root, download: fake)
+
+
+def test_a_class_with_one_example_is_still_in_the_labelled_subset(monkeypatch):
+    fake_dataset(monkeypatch, [0] * 6 + [1] * 6 + [2])
+    bundle = build_data(data_cfg(name="fake", val_fraction=0.5, labels_per_class=1), "cpu")
+    assert torch.bincount(bundle.labelled.y).tolist() == [1, 1, 1]  # class 2's one example is not moved to val
+    assert torch.bincount(bundle.val.y, minlength=3).tolist() == [3, 3, 0]
+
+
+@pytest.mark.parametrize("labels, val_fraction, message", [
+    ([0, 0, 0, 1, 1, 1], 0.1, "data.val_fraction: 0.1 takes no validation examples from fake's 6 training examples "
+                              "(each class gives round(0.1 x its size), at most all but one, and the largest class "
+                              "has 3); set data.val_fraction to at least 0.17"),
+    ([0, 1, 2], 0.5, "data.val_fraction: fake's train split holds one example per class, and each class keeps one "
+                     "for training: none is left for validation; add examples"),
+])
+def test_a_val_fraction_that_rounds_to_no_validation_examples_is_refused(monkeypatch, labels, val_fraction, message):
+    fake_dataset(monkeypatch, labels)
+    with pytest.raises(DataError) as caught:
+        build_data(data_cfg(name="fake", val_fraction=val_fraction), "cpu")
+    assert str(caught.value) == message
 
 
 def test_build_data_keeps_uint8_and_appends_unlabelled_images(monkeypatch):
@@ -270,6 +308,83 @@ def test_build_data_keeps_uint8_and_appends_unlabelled_images(monkeypatch):
     assert torch.equal(bundle.unlabelled.x[-6:], fake.unlabelled_x)
     assert len(bundle.labelled.x) == 28 and bool((bundle.labelled.y >= 0).all())
     assert bundle.input_shape == (3, 4, 4)
+
+
+# ---- fingerprint: what checkpoints record about the data ---------------------------------------
+
+def small_image_folder(root: Path, brightness: int = 0) -> Path:
+    from PIL import Image
+
+    for label, name in enumerate(["ant", "bee"]):
+        for i in range(5):
+            (root / "train" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 4), brightness + 40 * label + i, dtype=np.uint8)).save(
+                root / "train" / name / f"{i}.png")
+    return root
+
+
+def test_fingerprint_identifies_the_data_by_content_wherever_its_root_is(tmp_path):
+    here = small_image_folder(tmp_path / "here")
+    there = shutil.copytree(here, tmp_path / "elsewhere" / "there")
+    first = build_data(data_cfg(name="imagefolder", root=str(here), val_fraction=0.25), "cpu").fingerprint
+    moved = build_data(data_cfg(name="imagefolder", root=str(there), val_fraction=0.25), "cpu").fingerprint
+    assert moved == first and str(here) not in str(first)
+    other = small_image_folder(tmp_path / "other", brightness=1)  # same names and labels, other pixels
+    changed = build_data(data_cfg(name="imagefolder", root=str(other), val_fraction=0.25), "cpu").fingerprint
+    assert changed["content_sha256"] != first["content_sha256"] and changed["val_sha256"] == first["val_sha256"]
+    # 5 images per class: one held out for test, one of the other 4 for validation, 6 labelled in all.
+    assert {k: first[k] for k in ("dataset", "split_seed", "val_fraction", "val_size", "labelled_size")} == {
+        "dataset": "imagefolder", "split_seed": 0, "val_fraction": 0.25, "val_size": 2, "labelled_size": 6}
+
+
+def fingerprint(**changes) -> dict:
+    return build_data(data_cfg(**changes), "cpu").fingerprint
+
+
+def test_a_child_validating_on_its_parents_validation_split_has_no_problem():
+    parent = fingerprint()
+    assert val_overlap_problem(parent, fingerprint(labels_per_class=3)) is None  # label budgets do not move val
+    assert val_overlap_problem(parent, fingerprint(label_fraction=0.1, batch_size=7)) is None
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(split_seed=1), "data.split_seed: this run's validation split of synthetic (split_seed 1, val_fraction 0.1) "
+                         "differs from its parent checkpoint's (split_seed 0, val_fraction 0.1), so it may hold "
+                         "examples the parent trained on; set data.split_seed=0 to validate on the parent's "
+                         "validation split"),
+    (dict(val_fraction=0.2), "data.val_fraction: this run's validation split of synthetic (split_seed 0, "
+                             "val_fraction 0.2) differs from its parent checkpoint's (split_seed 0, val_fraction "
+                             "0.1), so it may hold examples the parent trained on; set data.val_fraction=0.1 to "
+                             "validate on the parent's validation split"),
+    (dict(split_seed=3, val_fraction=0.3), "data.split_seed and data.val_fraction: this run's validation split of "
+                                           "synthetic (split_seed 3, val_fraction 0.3) differs from its parent "
+                                           "checkpoint's (split_seed 0, val_fraction 0.1), so it may hold examples "
+                                           "the parent trained on; set data.split_seed=0 data.val_fraction=0.1 to "
+                                           "validate on the parent's validation split"),
+])
+def test_a_child_validating_on_another_split_is_a_problem_naming_the_keys_and_both_values(changes, expected):
+    assert val_overlap_problem(fingerprint(), fingerprint(**changes)) == expected
+
+
+def test_the_same_split_settings_drawing_other_examples_are_still_a_problem():
+    parent = {**fingerprint(), "val_sha256": "0" * 64}  # as if another ptft version drew the split
+    problem = val_overlap_problem(parent, fingerprint())
+    assert problem.startswith("data.split_seed and data.val_fraction: this run's validation split of synthetic "
+                              "(split_seed 0, val_fraction 0.1) differs from its parent checkpoint's (split_seed 0, "
+                              "val_fraction 0.1)")
+    assert "set data." not in problem  # no setting would fix it
+
+
+def test_parents_on_other_data_or_without_a_recorded_split_are_not_compared(digits):
+    child = fingerprint(split_seed=1)
+    assert val_overlap_problem(build_data(data_cfg(name="digits"), "cpu").fingerprint, child) is None
+    assert val_overlap_problem({**fingerprint(), "content_sha256": "0" * 64}, child) is None  # other content
+    assert val_overlap_problem(None, child) is None and val_overlap_problem({}, child) is None  # foreign weights
+    before_fingerprints = {k: v for k, v in fingerprint().items() if k not in ("content_sha256", "val_fraction")}
+    assert val_overlap_problem(before_fingerprints, child) == (
+        "data.split_seed: this run's validation split of synthetic (split_seed 1, val_fraction 0.1) differs from its "
+        "parent checkpoint's (split_seed 0, val_fraction not recorded), so it may hold examples the parent trained "
+        "on; set data.split_seed=0 to validate on the parent's validation split")
 
 
 # ---- batching ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import REPO, CliResult, tiny_pretrain_config, write_yaml
 from ptft import distributed as dist
 from ptft.data.batches import DeviceBatches
-from ptft.engine import step_seed
+from ptft.engine import StepRandomness, step_seed
 from ptft.errors import UserError
 
 # Deterministic per-example losses (no noise, no batch norm): DDP's averaged slice gradients
@@ -96,6 +96,29 @@ def test_checkpoint_of_n_processes_resumes_with_m(tmp_path, ptft, first, then):
     assert steps == sorted(set(steps)) and steps[-1] == 12  # one record a step, written by rank 0 alone
 
 
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.mark.slow
+def test_two_process_run_with_dropout_resumes_bitwise_equal(tmp_path):
+    # Dropout draws from each rank's global torch RNG; rank 1's stream must not depend on where
+    # the run was last started. Accumulation: two forward passes, two streams a step.
+    settings = dict(model={"name": "tiny_mlp_autoencoder", "dropout": 0.3},
+                    train={"max_steps": 8, "eval_every_steps": 4, "log_every_steps": 2, "accumulate": 2},
+                    checkpoint={"every_steps": 2})
+    reference = write_yaml(tmp_path / "ref.yaml", tiny_pretrain_config(tmp_path / "ref", **settings))
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run", **settings))
+    assert torchrun("pretrain", reference).code == 0
+    assert torchrun("pretrain", config, "train.max_steps=4").code == 0
+    resumed = torchrun("pretrain", config, "--resume")
+    assert resumed.code == 0, resumed.stderr
+    assert resumed.last_line.endswith("step-00000008")
+    _assert_bitwise_equal(_last_weights(tmp_path / "run"), _last_weights(tmp_path / "ref"))
+
+
 @pytest.mark.slow
 def test_evaluate_under_torchrun_prints_and_writes_once(tmp_path, ptft):
     config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run"))
@@ -158,16 +181,21 @@ def test_global_batch_must_split_evenly_over_processes(monkeypatch):
         dist.check_global_batch(64, 21)
 
 
-def test_ranks_draw_their_own_noise_and_dropout(monkeypatch):
+def test_each_rank_draws_noise_and_dropout_from_seed_rank_and_step_alone(monkeypatch):
     assert step_seed(0, 5, 1) == step_seed(0, 5, 1, rank=0) != step_seed(0, 5, 1, rank=1)
-    streams = {}
-    for rank in ("0", "1", "1"):
-        monkeypatch.setenv("RANK", rank)
-        torch.manual_seed(0)
-        dist.decorrelate_rng(seed=0, step=7)
-        streams.setdefault(rank, []).append(torch.rand(3))
-    assert not torch.equal(streams["0"][0], streams["1"][0])
-    torch.testing.assert_close(streams["1"][0], streams["1"][1], rtol=0, atol=0)  # deterministic
+    draws = {}
+    with torch.random.fork_rng():
+        for rank, history in (("0", 0), ("1", 0), ("1", 5)):
+            monkeypatch.setenv("RANK", rank)
+            torch.manual_seed(history)  # whatever the global stream held before: another start step
+            torch.rand(history)
+            generator = StepRandomness(run_seed=0, device=torch.device("cpu")).reseed(step=7, micro=1)
+            objective_draw, model_draw = torch.rand(3, generator=generator), torch.rand(3)  # noise, dropout
+            draws.setdefault(rank, []).append(torch.cat([objective_draw, model_draw]))
+    assert torch.equal(draws["1"][0], draws["1"][1])  # no dependence on history
+    assert not torch.equal(draws["0"][0][:3], draws["1"][0][:3])  # ranks: their own noise...
+    assert not torch.equal(draws["0"][0][3:], draws["1"][0][3:])  # ...and their own dropout
+    assert not torch.equal(draws["0"][0][:3], draws["0"][0][3:])  # two unrelated streams
 
 
 def _agree(rank: int, rendezvous: str) -> None:

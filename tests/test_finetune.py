@@ -36,6 +36,7 @@ AUTOENCODER_REPORT = {"counts": {"loaded": 8, "adapted": 0, "skipped_head": 0, "
                       "unexpected": DECODER_KEYS, "shape_mismatched": []}
 # torchvision resnet18: 122 keys; conv1 (3 input channels) and fc (1000 classes) need care.
 RESNET18_KEYS = 122
+RESNET18_BATCH_NORMS = 20
 
 
 def tiny_weights(name: str, num_classes: int = 10) -> dict[str, torch.Tensor]:
@@ -177,6 +178,48 @@ def test_weights_of_another_architecture_exit_2_saying_so(torchvision_resnet18, 
     assert "another architecture; set model.name" in message
 
 
+# ---- data splits across stages -------------------------------------------------------------------
+
+def pretrained_run(ptft, tmp_path: Path, name: str, supervised: bool) -> Path:
+    """A 2-step pretrain on digits' default split: with labels (a classifier) or without (an autoencoder)."""
+    model = {"name": "tiny_mlp_classifier" if supervised else "tiny_mlp_autoencoder", "batch_norm": True}
+    objective = {"name": "supervised" if supervised else "reconstruction"}
+    cfg = tiny_pretrain_config(tmp_path / "runs" / name, model=model, objective=objective,
+                               train={"max_steps": 2, "eval_every_steps": 2})
+    result = ptft("pretrain", write_yaml(tmp_path / f"{name}.yaml", cfg))
+    assert result.code == 0, result.stderr
+    return tmp_path / "runs" / name
+
+
+@pytest.mark.parametrize("override, key, values", [
+    ("data.split_seed=3", "data.split_seed", ("0", "3")),
+    ("data.val_fraction=0.2", "data.val_fraction", ("0.1", "0.2"))])
+def test_validating_on_a_supervised_parents_training_images_exits_2(override, key, values, tmp_path, ptft):
+    parent = pretrained_run(ptft, tmp_path, "sup", supervised=True)
+    refused = finetune(ptft, tmp_path, "ft", parent, override)
+    assert refused.code == 2 and "Traceback" not in refused.stderr and refused.stdout == ""
+    message = " ".join(refused.stderr.split())
+    setting = key.removeprefix("data.")
+    assert f"{key}:" in message and "trained with their labels" in message
+    assert f"{setting} {values[1]}" in message and f"{setting} {values[0]}" in message  # this run's, the parent's
+    assert f"set {key}={values[0]}" in message  # the fix
+    assert not (tmp_path / "runs" / "ft").exists()
+    # The dry run says the same; the parent's split is accepted.
+    assert finetune(ptft, tmp_path, "ft", parent, override, "--dry-run").code == 2
+    assert meta_of(finetune(ptft, tmp_path, "ft", parent))["parent"]["lineage"][-1]["stage"] == "pretrain"
+
+
+def test_another_split_of_a_label_free_parent_is_one_warning(tmp_path, ptft):
+    parent = pretrained_run(ptft, tmp_path, "ae", supervised=False)
+    result = finetune(ptft, tmp_path, "ft", parent, "data.split_seed=3")
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "data.split_seed" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "without labels" in warnings[0]
+    assert "split_seed 3" in warnings[0] and "split_seed 0" in warnings[0]
+    same = finetune(ptft, tmp_path, "same", parent)
+    assert same.code == 0 and "data.split_seed" not in same.stderr
+
+
 # ---- heads ----------------------------------------------------------------------------------------
 
 def test_other_number_of_classes_gets_a_fresh_head_even_with_load_head(tmp_path, ptft):
@@ -233,13 +276,41 @@ def test_torchvision_resnet18_loads_into_a_grey_imagenet_stem(torchvision_resnet
     assert all(torch.equal(final[k], source[k[len("encoder."):]]) for k in encoder)
 
 
-def test_small_input_stem_needs_strict_false_and_says_so(torchvision_resnet18, tmp_path, ptft):
+@pytest.fixture(scope="module")
+def original_torchvision_resnet18(torchvision_resnet18, tmp_path_factory) -> Path:
+    """torchvision's original ImageNet files (resnet18-5c106cde.pth) predate num_batches_tracked."""
+    state = torch.load(torchvision_resnet18, weights_only=True)
+    path = tmp_path_factory.mktemp("torchvision_v1") / "resnet18-5c106cde.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+def test_original_torchvision_file_without_batch_counters_loads_strictly(original_torchvision_resnet18, tmp_path,
+                                                                         ptft):
+    result = finetune(ptft, tmp_path, "ft", original_torchvision_resnet18, finetune={"mode": "linear_probe"},
+                      **RESNET)
+    report = meta_of(result)["parent"]["report"]
+    counters = RESNET18_BATCH_NORMS  # the file lacks one num_batches_tracked per batch-norm layer
+    assert report["counts"] == {"loaded": RESNET18_KEYS - counters - 3, "adapted": 1, "skipped_head": 2,
+                                "missing": 0, "unexpected": 0, "shape_mismatched": 0}
+    final = weights_at(tmp_path / "runs" / "ft")
+    assert sum(k.endswith("num_batches_tracked") for k in final) == counters
+    assert int(final["encoder.bn1.num_batches_tracked"]) == 0  # linear probe: frozen norms count nothing
+
+
+def test_imagenet_stem_into_the_small_input_stem_names_model_small_input_false(torchvision_resnet18, tmp_path, ptft):
     small = {**RESNET, "model": {"name": "resnet18_classifier", "small_input": True}, "train": {"max_steps": 1}}
     refused = finetune(ptft, tmp_path, "ft", torchvision_resnet18, **small)
     assert refused.code == 2 and "Traceback" not in refused.stderr
     message = " ".join(refused.stderr.split())
-    assert "encoder.conv1.weight (file 64x3x7x7, model 64x1x3x3)" in message and "init.strict=false" in message
-    report = meta_of(finetune(ptft, tmp_path, "ft", torchvision_resnet18, "init.strict=false", **small))["parent"]["report"]
+    assert "encoder.conv1.weight (file 64x3x7x7, model 64x1x3x3)" in message
+    assert "model.small_input=false" in message and "init.strict=false" in message
+    # The fix as the message words it.
+    fixed = finetune(ptft, tmp_path, "ft", torchvision_resnet18, "model.small_input=false", **small)
+    assert meta_of(fixed)["parent"]["report"]["counts"]["shape_mismatched"] == 0
+    # Or keep the small stem and train it from scratch, loading the rest.
+    lenient = finetune(ptft, tmp_path, "lenient", torchvision_resnet18, "init.strict=false", **small)
+    report = meta_of(lenient)["parent"]["report"]
     assert report["counts"] == {"loaded": RESNET18_KEYS - 3, "adapted": 0, "skipped_head": 2, "missing": 0,
                                 "unexpected": 0, "shape_mismatched": 1}
     assert report["shape_mismatched"] == [{"name": "encoder.conv1.weight", "file": [64, 3, 7, 7],
@@ -279,9 +350,37 @@ def test_freeze_patterns_freeze_exactly_what_they_name(autoencoder_file, tmp_pat
     assert_changed(first, second, HEAD_KEYS)
 
 
-def test_freeze_pattern_matching_nothing_exits_2(autoencoder_file, tmp_path, ptft):
-    result = finetune(ptft, tmp_path, "ft", autoencoder_file[0], finetune={"freeze": ["encoder.layer1.*"]})
-    assert result.code == 2 and "encoder.layer1.*" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_freeze_pattern_matching_nothing_exits_2_naming_parameters_before_any_work(dry_run, autoencoder_file,
+                                                                                    tmp_path, ptft):
+    flags = ["--dry-run"] if dry_run else []
+    result = finetune(ptft, tmp_path, "ft", autoencoder_file[0], *flags, finetune={"freeze": ["encoder.layer1.*"]})
+    assert result.code == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    message = " ".join(result.stderr.split())
+    assert "finetune.freeze" in message and "'encoder.layer1.*' matches no parameter" in message
+    assert "encoder.blocks.0.linear.weight" in message  # a few real names to pattern on
+    assert not (tmp_path / "runs" / "ft").exists()
+
+
+def test_dry_run_loads_init_weights_and_prints_the_key_report(autoencoder_file, tmp_path, ptft):
+    result = finetune(ptft, tmp_path, "ft", autoencoder_file[0], "--dry-run")
+    assert result.code == 0, result.stderr
+    assert re.search(r"loaded\W+8\W", result.stderr) and re.search(r"unexpected\W+8\W", result.stderr)
+    assert not (tmp_path / "runs" / "ft").exists()
+    partial = {k: v for k, v in autoencoder_file[1].items() if "to_latent" not in k}
+    torch.save(partial, tmp_path / "partial.pt")
+    refused = finetune(ptft, tmp_path, "ft", tmp_path / "partial.pt", "--dry-run")
+    assert refused.code == 2 and "init.strict is true but 2 encoder.* key(s)" in " ".join(refused.stderr.split())
+    assert refused.stdout == "" and not (tmp_path / "runs" / "ft").exists()
+
+
+def test_linear_probe_without_init_warns_of_a_random_encoder(tmp_path, ptft):
+    result = finetune(ptft, tmp_path, "ft", None, "init.checkpoint=null", finetune={"mode": "linear_probe"})
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "random" in line]
+    assert len(warnings) == 1 and "init.checkpoint" in warnings[0] and "linear_probe" in warnings[0]
+    full = finetune(ptft, tmp_path, "full", None, "init.checkpoint=null")
+    assert full.code == 0 and "random" not in full.stderr  # from scratch in full mode is nothing to warn of
 
 
 UNFREEZE = {"finetune": {"mode": "linear_probe", "unfreeze_at_step": 2}, **EVERY_STEP}

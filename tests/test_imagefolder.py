@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, PngImagePlugin, TiffImagePlugin
 
 from conftest import REPO, tiny_finetune_config, tiny_pretrain_config, write_yaml
 from ptft.data import DATASETS
@@ -148,3 +149,191 @@ def test_shipped_imagefolder_configs_run_on_a_folder_of_colour_images(tmp_path, 
     assert saved["objective"]["flip"] is True and saved["data"]["image_size"] == 16
     metrics = json.loads(ptft("evaluate", finetuned.last_line).last_line)
     assert metrics["num_examples"] == 4 and list(metrics["per_class"]) == ["cat", "dog"]
+
+
+# ---- what a pixel of each PIL mode means in 0..255 -----------------------------------------------
+
+def decoded(root: Path, image: Image.Image, suffix: str = ".png", **save_options) -> torch.Tensor:
+    """The uint8 pixels (C, W) of row 0 that imagefolder makes of `image`, saved alone in a one-class folder."""
+    path = root / "train" / "a" / f"image{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **save_options)
+    data = load(root)
+    assert data.train_x.dtype == torch.uint8
+    return data.train_x[0, :, 0, :]
+
+
+def row_image(mode: str, values: list) -> Image.Image:
+    """A one-row image of `mode` holding `values` (numbers, or tuples of band values)."""
+    image = Image.new(mode, (len(values), 1))
+    image.putdata(values)
+    return image
+
+
+def tiff_tags(low: int | None, high: int) -> TiffImagePlugin.ImageFileDirectory_v2:
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    if low is not None:
+        tags[280] = low  # MinSampleValue
+    tags[281] = high  # MaxSampleValue
+    return tags
+
+
+SIXTEEN_BIT = [0, 128, 129, 1000, 32896, 65535]
+SIXTEEN_BIT_AS_UINT8 = [0, 0, 1, 4, 128, 255]  # round(v * 255 / 65535): 128 -> 0.498, 129 -> 0.502, 1000 -> 3.89
+
+
+@pytest.mark.parametrize("dtype, suffix", [("<u2", ".png"), ("<u2", ".tif"), (">u2", ".tif")])
+def test_16_bit_images_are_scaled_to_the_nearest_8_bit_value_not_clipped(tmp_path, dtype, suffix):
+    image = Image.fromarray(np.array([SIXTEEN_BIT], dtype=dtype))
+    assert image.mode == ("I;16B" if dtype == ">u2" else "I;16")
+    assert decoded(tmp_path, image, suffix).tolist() == [SIXTEEN_BIT_AS_UINT8]
+
+
+def test_16_bit_png_that_older_pillow_opens_as_32_bit_is_scaled_the_same(tmp_path, monkeypatch):
+    # Pillow before 10 opened 16-bit grey PNGs as mode "I"; this is its table entry.
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    path = tmp_path / "images" / "train" / "a" / "old.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.array([SIXTEEN_BIT], dtype="<u2")).save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == "I"
+    assert load(tmp_path / "images").train_x[0, :, 0, :].tolist() == [SIXTEEN_BIT_AS_UINT8]
+
+
+def test_integer_images_are_scaled_from_the_sample_range_their_tiff_declares(tmp_path):
+    # Declared [1000, 5080]: (v - 1000) / 16, rounded half up.
+    wide = Image.fromarray(np.array([[1000, 1008, 1023, 3040, 5080]], dtype=np.int32))
+    assert wide.mode == "I"
+    assert decoded(tmp_path / "i", wide, ".tif", tiffinfo=tiff_tags(1000, 5080)).tolist() == [[0, 1, 1, 128, 255]]
+    # 12-bit samples in a 16-bit file declare 4095: 2048 * 255 / 4095 = 127.5 -> 128.
+    twelve_bit = Image.fromarray(np.array([[0, 2047, 2048, 4095]], dtype="<u2"))
+    assert decoded(tmp_path / "i16", twelve_bit, ".tif", tiffinfo=tiff_tags(None, 4095)).tolist() == [
+        [0, 127, 128, 255]]
+
+
+@pytest.mark.parametrize("values, tags, message", [
+    ([0, 100, 70000], None, r"PIL mode I, 32-bit integer\) declares no value range"),
+    ([0, 100, 5000], (0, 4095), r"PIL mode I, 32-bit integer\) has values outside its declared range "
+                                r"\[0, 4095\] \(min 0, max 5000\)"),
+])
+def test_integer_images_without_a_usable_range_are_refused_naming_the_file(tmp_path, values, tags, message):
+    image = Image.fromarray(np.array([values], dtype=np.int32))
+    options = {"tiffinfo": tiff_tags(*tags)} if tags else {}
+    with pytest.raises(DataError, match=rf"^data.root: '.*image\.tif' \({message}"):
+        decoded(tmp_path, image, ".tif", **options)
+
+
+def test_float_images_are_intensities_in_0_to_1(tmp_path):
+    image = Image.fromarray(np.array([[0.0, 0.2, 0.5, 0.75, 1.0]], dtype=np.float32))
+    assert image.mode == "F"
+    assert decoded(tmp_path, image, ".tif").tolist() == [[0, 51, 128, 191, 255]]  # 127.5 -> 128, 191.25 -> 191
+
+
+@pytest.mark.parametrize("bad, shown", [(1.5, "max 1.5"), (-0.25, "min -0.25"), (float("nan"), "not finite")])
+def test_float_images_outside_0_to_1_are_refused_naming_the_file(tmp_path, bad, shown):
+    image = Image.fromarray(np.array([[0.0, bad, 1.0]], dtype=np.float32))
+    with pytest.raises(DataError, match=rf"^data.root: '.*image\.tif' \(PIL mode F, 32-bit float\) has values "
+                                        rf"outside \[0, 1\] \(.*{re.escape(shown)}"):
+        decoded(tmp_path, image, ".tif")
+
+
+def palette_image() -> Image.Image:
+    image = row_image("P", [0, 1, 2])
+    image.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
+    return image
+
+
+# Transparency is composited over black: v * alpha / 255, rounded half up (200 * 128 / 255 = 100.4 -> 100).
+ODD_MODES = [
+    ("1", lambda: row_image("1", [0, 1]), {}, [[0, 255]]),
+    ("LA", lambda: row_image("LA", [(200, 0), (200, 128), (200, 255)]), {}, [[0, 100, 200]]),
+    ("L + transparent value", lambda: row_image("L", [10, 20, 30]), {"transparency": 20}, [[10, 0, 30]]),
+    ("P", palette_image, {}, [[10, 40, 70], [20, 50, 80], [30, 60, 90]]),  # the palette expanded
+    # Palette entry 1 is transparent, entry 2 half: 70 * 128 / 255 = 35.1, 80 -> 40.2, 90 -> 45.2.
+    ("P + transparency", palette_image, {"transparency": bytes([255, 0, 128])}, [[10, 0, 35], [20, 0, 40],
+                                                                                 [30, 0, 45]]),
+    ("RGBA", lambda: row_image("RGBA", [(200, 100, 50, 0), (200, 100, 50, 128), (200, 100, 50, 255)]), {},
+     [[0, 100, 200], [0, 50, 100], [0, 25, 50]]),
+    # (255 - C) * (255 - K) / 255: (0, 128, 0, 64) -> 191, 127 * 191 / 255 = 95.1, 191.
+    ("CMYK", lambda: row_image("CMYK", [(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255), (0, 128, 0, 64)]),
+     {"suffix": ".tif"}, [[255, 0, 0, 191], [255, 255, 0, 95], [255, 255, 0, 191]]),
+    # JPEG's YCbCr: R = Y + 1.402 (Cr - 128) = 254.05, G = Y - 0.344 (Cb - 128) - 0.714 (Cr - 128) = 0.1,
+    # B = Y + 1.772 (Cb - 128) = -0.2 -> 0.
+    ("YCbCr", lambda: row_image("YCbCr", [(128, 128, 128), (76, 85, 255)]), {"suffix": ".tif"},
+     [[128, 254], [128, 0], [128, 0]]),
+]
+
+
+@pytest.mark.parametrize("name, make, options, expected", ODD_MODES, ids=[m[0] for m in ODD_MODES])
+def test_each_pil_mode_decodes_to_the_pixels_it_shows(tmp_path, name, make, options, expected):
+    options = dict(options)
+    assert decoded(tmp_path, make(), options.pop("suffix", ".png"), **options).tolist() == expected
+
+
+def test_grey_modes_of_any_depth_keep_a_grey_folder_grey_and_colour_makes_them_rgb(tmp_path):
+    root = tmp_path / "images"
+
+    def add(name: str, image: Image.Image) -> None:  # one image per class: the held-out fifth rounds to none
+        (root / "train" / name).mkdir(parents=True)
+        image.save(root / "train" / name / "image.png")
+
+    add("a_1bit", row_image("1", [1, 0]))
+    add("b_la", row_image("LA", [(200, 255), (200, 128)]))
+    add("c_16bit", Image.fromarray(np.array([[65535, 32896]], dtype="<u2")))
+    grey = load(root).train_x[:, :, 0, :]
+    assert grey.shape == (3, 1, 2) and grey.tolist() == [[[255, 0]], [[200, 100]], [[255, 128]]]
+    add("d_rgba", row_image("RGBA", [(0, 0, 255, 255), (0, 0, 255, 0)]))
+    colour = load(root).train_x[:, :, 0, :]
+    assert colour.shape == (4, 3, 2)
+    assert colour[:3].tolist() == [[row] * 3 for [row] in grey.tolist()]  # grey replicated in R, G and B
+    assert colour[3].tolist() == [[0, 0], [0, 0], [255, 0]]
+
+
+def test_a_mode_without_a_known_meaning_is_refused_naming_the_file_and_mode(tmp_path):
+    with pytest.raises(DataError, match=r"^data.root: '.*image\.tif' is a PIL mode LAB image"):
+        decoded(tmp_path, Image.new("LAB", (2, 1)), ".tif")
+
+
+def test_pretrain_refuses_a_float_image_outside_0_to_1_with_exit_2(tmp_path, ptft):
+    root = image_tree(tmp_path / "images", unlabelled=0)
+    bad = root / "train" / "dog" / "float.tif"
+    Image.fromarray(np.full((8, 8), 3.0, dtype=np.float32)).save(bad)
+    data = {"name": "imagefolder", "root": str(root), "batch_size": 8}
+    config = write_yaml(tmp_path / "pre.yaml", tiny_pretrain_config(tmp_path / "pre", data=data))
+    result = ptft("pretrain", config)
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert f"'{bad}' (PIL mode F, 32-bit float) has values outside [0, 1]" in result.stderr
+
+
+def test_pretrain_on_16_bit_images_learns_from_their_pixels_not_saturated_ones(tmp_path, ptft):
+    # Clipped to 255 every image would be the same white square and k-NN would be at chance.
+    root = tmp_path / "images"
+    for name, base in [("dim", 2000), ("bright", 40000)]:
+        for i in range(10):
+            path = root / "train" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), base + 1000 * i, dtype="<u2")).save(path)
+    data = {"name": "imagefolder", "root": str(root), "batch_size": 8, "val_fraction": 0.2}
+    config = write_yaml(tmp_path / "pre.yaml", tiny_pretrain_config(tmp_path / "pre", data=data))
+    pretrained = ptft("pretrain", config)
+    assert pretrained.code == 0, pretrained.stderr
+    metrics = json.loads(ptft("evaluate", pretrained.last_line).last_line)
+    assert metrics["knn_accuracy"] == 1.0
+
+
+def test_an_image_larger_than_pil_allows_is_a_data_error_naming_it(tmp_path, monkeypatch):
+    root = image_tree(tmp_path / "images", unlabelled=0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # PIL refuses images over twice this as bombs
+    with pytest.raises(DataError, match=r"^data.root: cannot read image '.*00\.png' \(Image size \(64 pixels\)"):
+        load(root)
+
+
+def test_pretrain_on_a_folder_too_small_for_its_val_fraction_exits_2_naming_it(tmp_path, ptft):
+    # 4 images per class, one held out for test: 3 * 0.1 rounds to no validation image at all.
+    root = image_tree(tmp_path / "images", per_class=4, test_per_class=0, unlabelled=0)
+    data = {"name": "imagefolder", "root": str(root), "batch_size": 4, "val_fraction": 0.1}
+    config = write_yaml(tmp_path / "pre.yaml", tiny_pretrain_config(tmp_path / "pre", data=data))
+    result = ptft("pretrain", config)
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert "data.val_fraction: 0.1 takes no validation examples from imagefolder's 6 training examples" in result.stderr
+    assert "set data.val_fraction to at least 0.17" in result.stderr

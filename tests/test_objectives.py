@@ -8,6 +8,7 @@ depend on ptft.models; one smoke test runs the real tiny models when they import
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_pretrain_config, write_yaml
 from ptft.errors import UserError
 from ptft.objectives import OBJECTIVES
 from ptft.objectives.contrastive import nt_xent
@@ -374,3 +376,51 @@ def test_real_tiny_models_train_with_every_objective():
         loss.backward()
         assert torch.isfinite(loss), name
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters()), name
+
+
+def _val_metrics(case: str, eval_batch_size: int, shape=SHAPE, n: int = 600) -> dict[str, float]:
+    """evaluate_objective's figures for `case` over a fixed split, with the given eval batch size."""
+    from types import SimpleNamespace
+
+    from ptft.engine import evaluate_objective
+
+    factory, options = CASES[case]
+    torch.manual_seed(0)
+    model = factory(shape)
+    objective = OBJECTIVES.get(case.split("_")[0])(model, shape, **options)
+    g = gen(5)
+    split = SimpleNamespace(x=torch.rand((n, *shape), generator=g), y=torch.randint(0, NUM_CLASSES, (n,), generator=g))
+    parts = SimpleNamespace(model=model, objective=objective, device=torch.device("cpu"))
+    settings = SimpleNamespace(seed=0, eval_batch_size=eval_batch_size, precision="fp32")
+    return evaluate_objective(parts, split, settings)
+
+
+# 3x5x5 images: 75 values each, so batch boundaries do not fall on the 16-value blocks
+# in which CPU torch.randn draws its normals.
+@pytest.mark.parametrize("shape", [SHAPE, (3, 5, 5)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_validation_figures_do_not_depend_on_the_eval_batch_size(case, shape):
+    # data.eval_batch_size may change on --resume; if the figures moved with it, a resumed run
+    # could pick a "best" checkpoint on a changed measure.
+    reference = _val_metrics(case, 1024, shape)
+    for eval_batch_size in (7, 64, 256):
+        assert _val_metrics(case, eval_batch_size, shape) == pytest.approx(reference, rel=1e-5), eval_batch_size
+
+
+def test_contrastive_val_loss_is_the_same_for_any_eval_batch_size(tmp_path, ptft):
+    # Half of digits' training split for validation: several of the objective's eval chunks.
+    records = {}
+    for eval_batch_size in (64, 256, 1024):
+        run_dir = tmp_path / f"eval{eval_batch_size}"
+        config = write_yaml(tmp_path / f"eval{eval_batch_size}.yaml", tiny_pretrain_config(
+            run_dir, objective={"name": "contrastive"}, train={"max_steps": 4, "eval_every_steps": 2},
+            data={"val_fraction": 0.5, "eval_batch_size": eval_batch_size}))
+        result = ptft("pretrain", config)
+        assert result.code == 0, result.stderr
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        records[eval_batch_size] = [r for r in map(json.loads, lines) if "val/loss" in r]
+    assert [r["step"] for r in records[64]] == [2, 4]
+    for eval_batch_size in (256, 1024):
+        for ours, theirs in zip(records[eval_batch_size], records[64]):
+            assert ours["val/loss"] == pytest.approx(theirs["val/loss"], rel=1e-5)
+            assert ours["val/acc"] == pytest.approx(theirs["val/acc"], rel=1e-5)

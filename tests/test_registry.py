@@ -58,6 +58,16 @@ def test_import_path_names(tmp_path, monkeypatch):
         Registry("widget").get("user_widgets:build")  # import paths only where allowed
 
 
+def test_is_import_path_tells_what_get_would_import_without_importing(tmp_path, monkeypatch):
+    (tmp_path / "loud_widgets.py").write_text("raise AssertionError('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("widget", allow_import_path=True)
+    reg.add("named:with_colon", lambda: None)
+    assert reg.is_import_path("loud_widgets:build")
+    assert not reg.is_import_path("named:with_colon") and not reg.is_import_path("plain")
+    assert not Registry("widget").is_import_path("loud_widgets:build")  # import paths only where allowed
+
+
 def test_entry_point_plugins_are_listed_and_loaded_lazily(tmp_path, monkeypatch):
     (tmp_path / "plugin_widgets.py").write_text(textwrap.dedent('''
         from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -114,3 +115,48 @@ def test_resume_keeps_lineage_and_refuses_meaning_changes(tmp_path, ptft):
     allowed = ptft("pretrain", config, "--resume", "train.max_steps=25")
     assert allowed.code == 0, allowed.stderr
     assert (tmp_path / "run" / "checkpoints" / "last").resolve().name == "step-00000025"
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL inside a save: no handler runs, nothing after it happens."""
+
+
+def _pointer(run_dir: Path, name: str) -> str:
+    return (run_dir / "checkpoints" / name).resolve().name
+
+
+def test_kill_between_pointer_moves_then_resume_leaves_best_on_the_best_step(tmp_path, ptft, monkeypatch):
+    from ptft import checkpoint as ckpt
+
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run"))
+    real_point = ckpt._point
+
+    def die_after_first_pointer_to_step_20(ckpt_dir, name, target):
+        real_point(ckpt_dir, name, target)
+        if target == "step-00000020":
+            raise _Killed
+
+    monkeypatch.setattr(ckpt, "_point", die_after_first_pointer_to_step_20)
+    with pytest.raises(_Killed):
+        ptft("pretrain", config)
+    monkeypatch.setattr(ckpt, "_point", real_point)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-00000020" / "meta.json").read_text())
+    assert meta["best"]["step"] == 20  # step 20 improved: its save was moving both pointers
+    resumed = ptft("pretrain", config, "--resume")
+    assert resumed.code == 0, resumed.stderr
+    assert _pointer(tmp_path / "run", "best") == "step-00000020" == _pointer(tmp_path / "run", "last")
+    assert resumed.last_line.endswith("step-00000020")
+
+
+def test_resume_repoints_a_stale_best_to_the_trackers_best_step(tmp_path, ptft):
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run"))
+    assert ptft("pretrain", config).code == 0
+    assert _pointer(tmp_path / "run", "best") == "step-00000020"
+    # What a kill between the pointer moves left behind before best moved first: last new, best old.
+    stale = tmp_path / "run" / "checkpoints" / ".stale"
+    os.symlink("step-00000010", stale)
+    os.replace(stale, tmp_path / "run" / "checkpoints" / "best")
+    resumed = ptft("pretrain", config, "--resume")
+    assert resumed.code == 0, resumed.stderr
+    assert _pointer(tmp_path / "run", "best") == "step-00000020"
+    assert resumed.last_line.endswith("step-00000020")

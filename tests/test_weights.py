@@ -196,12 +196,21 @@ def test_strict_refuses_missing_encoder_keys_and_leaves_model_untouched(source_s
     partial = {k: v for k, v in source_state.items() if not k.startswith("encoder.norm.")}
     model = seeded(TinyClassifier, seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"5 encoder.\* key\(s\) .*encoder.norm.weight \(missing\)"):
+    with pytest.raises(CheckpointError, match=r"4 encoder.\* key\(s\) .*encoder.norm.weight \(missing\)"):
         match_into(model, partial, load_head=True, strict=True)
     assert same_tensors(model.state_dict(), before)
+    # num_batches_tracked is torch's own counter: never missing (see the next test).
     assert match_into(model, partial, load_head=True, strict=False).missing == [
-        "encoder.norm.weight", "encoder.norm.bias", "encoder.norm.running_mean", "encoder.norm.running_var",
-        "encoder.norm.num_batches_tracked"]
+        "encoder.norm.weight", "encoder.norm.bias", "encoder.norm.running_mean", "encoder.norm.running_var"]
+
+
+def test_batch_norm_counters_absent_from_old_files_are_not_missing(source_state):
+    # torchvision's original ImageNet files predate the num_batches_tracked buffer.
+    old_format = {k: v for k, v in source_state.items() if not k.endswith("num_batches_tracked")}
+    model = seeded(TinyClassifier, seed=2)
+    report = match_into(model, old_format, load_head=True, strict=True)
+    assert report.missing == [] and report.counts()["loaded"] == ENCODER_KEYS - 1 + 2
+    assert int(model.encoder.norm.num_batches_tracked) == 0  # the fresh model's own count stays
 
 
 def test_zero_encoder_keys_lists_the_common_prefixes(source_state):
@@ -253,3 +262,20 @@ def test_torchvision_resnet_maps_onto_ptft_resnet_encoder():
     assert report.counts()["loaded"] == len(source) - 3
     assert report.missing == report.unexpected == report.shape_mismatched == []
     assert torch.equal(model.encoder.layer4[1].conv2.weight, source["layer4.1.conv2.weight"])
+
+
+@pytest.mark.parametrize("small_input_file, small_input_model, fix", [
+    (False, True, "model.small_input=false"), (True, False, "model.small_input=true")])
+def test_resnet_stem_mismatch_names_the_small_input_option(small_input_file, small_input_model, fix):
+    resnet = pytest.importorskip("ptft.models.resnet")
+    from ptft.models.compose import Classifier
+
+    def build(small_input: bool) -> Classifier:
+        return Classifier(resnet.ResNetEncoder("resnet18", in_channels=3, small_input=small_input), nn.Linear(512, 10))
+
+    source = seeded(build, small_input_file).state_dict()
+    with pytest.raises(CheckpointError) as info:
+        match_into(build(small_input_model), source, load_head=False, strict=True, source="r18.pth")
+    message = str(info.value)
+    assert "encoder.conv1.weight" in message and fix in message
+    assert message.index(fix) < message.index("init.strict=false")  # the fix first, the workaround after

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import yaml
 
 from ptft.config.messages import Problem, show
 from ptft.config.schema import BUILDER_SECTIONS, Config
+from ptft.config.trust import ImportTrust
 from ptft.config.validation import validate_config
 from ptft.errors import ConfigError
 
@@ -41,13 +42,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return _finish(None if problems else raw, overrides, f"runs/{path.stem}", str(path), problems)
 
 
-def config_from_dict(data: dict, source: str, overrides: Sequence[str] = ()) -> Config:
-    """Validate an already loaded config (e.g. RUN_DIR/config.yaml or a checkpoint's meta.json).
+def config_from_dict(data: dict, source: str, overrides: Sequence[str] = (), *,
+                     trusted_imports: Collection[str] = ()) -> Config:
+    """Validate a config read from a run (e.g. a checkpoint's meta.json), importing none of its code.
+
+    A run directory may come from anyone, so a `package.module:builder` name in `data` is refused
+    unless the user named it (in `overrides` or `trusted_imports`) or allowed its module in the
+    environment variable PTFT_TRUSTED_IMPORTS (see `ptft.config.trust`).
 
     Args:
         data: the sections as a mapping; it is not modified.
         source: where `data` came from, named in error messages.
         overrides: `KEY=VALUE` strings, as for `load_config`.
+        trusted_imports: import paths the user named elsewhere, e.g. in their own config file.
     Raises:
         ConfigError: every problem of `data` and the overrides, together.
     """
@@ -55,7 +62,7 @@ def config_from_dict(data: dict, source: str, overrides: Sequence[str] = ()) -> 
     if not isinstance(data, dict):
         problems.append(Problem((), f"{source}: expected a mapping of config sections, got {show(data)}"))
     raw = copy.deepcopy(data) if isinstance(data, dict) else None
-    return _finish(raw, overrides, "runs/default", source, problems)
+    return _finish(raw, overrides, "runs/default", source, problems, trusted_imports)
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -164,7 +171,8 @@ def _renames_builder(section: object, old: object, new: object) -> bool:
 
 
 def _finish(raw: dict | None, overrides: Sequence[str], default_run_dir: str, source: str,
-            problems: list[Problem]) -> Config:
+            problems: list[Problem], trusted_imports: Collection[str] | None = None) -> Config:
+    """Overrides applied and validated; `trusted_imports` None: the config is the user's own."""
     parsed = []
     for text in overrides:
         try:
@@ -173,13 +181,47 @@ def _finish(raw: dict | None, overrides: Sequence[str], default_run_dir: str, so
             problems.extend(Problem((), message) for message in exc.problems)
         else:
             parsed.append(_Override(keys, value, text))
-    cfg = None
+    cfg, replaced = None, None
     if raw is not None:
+        replaced = _length_from_command_line(raw, parsed)
         _apply_overrides(raw, parsed)
-        cfg = validate_config(raw, default_run_dir, problems)
+        trust = None if trusted_imports is None else ImportTrust(frozenset(trusted_imports) | _named(parsed))
+        cfg = validate_config(raw, default_run_dir, problems, trust)
     if problems:
         raise ConfigError([_render(problem, parsed) for problem in problems], source=source)
+    if replaced:
+        from ptft.console import note  # rich, imported only when there is something to say
+
+        note(replaced)
     return cfg
+
+
+def _named(overrides: list[_Override]) -> frozenset[str]:
+    """Builder names given on the command line (`model.name=pkg.mod:fn`): the user's own words."""
+    return frozenset(o.value for o in overrides
+                     if len(o.keys) == 2 and o.keys[0] in BUILDER_SECTIONS and o.keys[1] == "name"
+                     and isinstance(o.value, str))
+
+
+_LENGTH_KEYS = ("epochs", "max_steps")
+
+
+def _length_from_command_line(raw: dict, overrides: list[_Override]) -> str | None:
+    """`train.max_steps=N` over a file that sets `train.epochs` (or the reverse) drops the file's key.
+
+    That is what people type for a quick try, so the command line wins; both keys in the file,
+    or both on the command line, stay a conflict for validation to report. Returns the note to print.
+    """
+    given = {o.keys[1]: o for o in overrides if len(o.keys) == 2 and o.keys[0] == "train" and o.keys[1] in _LENGTH_KEYS}
+    train = raw.get("train")
+    if len(given) != 1 or not isinstance(train, dict):
+        return None
+    key, override = next(iter(given.items()))
+    other = _LENGTH_KEYS[1 - _LENGTH_KEYS.index(key)]
+    if override.value is None or train.get(other) is None or train.get(key) is not None:
+        return None
+    dropped = train.pop(other)
+    return f"{override.text} from the command line replaces the config's train.{other}: {show(dropped)}"
 
 
 def _apply_overrides(raw: dict, overrides: list[_Override]) -> None:

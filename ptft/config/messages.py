@@ -76,6 +76,8 @@ def _describe(schema: dict, plural: bool = False) -> str:
         items = [_describe(item, plural=True) for item in schema["prefixItems"]]
         return f"{lists} of {len(items)} {items[0]}" if len(set(items)) == 1 else f"{lists} of [{', '.join(items)}]"
     if kind == "array":
+        non_empty = "non-empty " if schema.get("minItems") == 1 else ""
+        lists = f"{non_empty}lists" if plural else f"a {non_empty}list"
         return f"{lists} of {_describe(schema.get('items', {}), plural=True)}"
     if kind == "object":
         values = _describe(schema.get("additionalProperties", {}), plural=True)

@@ -25,6 +25,24 @@ def _device(value: str) -> str:
     return value
 
 
+_LARGER_IS_BETTER = frozenset({"acc", "accuracy", "top1", "top5", "f1", "precision", "recall", "auc", "psnr", "ssim",
+                               "iou", "dice"})
+_SMALLER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "nll", "error", "err", "perplexity", "ppl"})
+
+
+def metric_mode(monitor: str) -> Literal["min", "max"] | None:
+    """'max' for accuracy-like metrics, 'min' for loss-like ones, by the name's last word; None when unknown.
+
+    `val/acc`, `val/knn_acc`, `val/macro_f1` -> max; `val/loss`, `val/recon_mse` -> min; `val/sharpness` -> None.
+    """
+    word = re.split(r"[/_.\-]", monitor.lower())[-1]
+    if word in _LARGER_IS_BETTER:
+        return "max"
+    if word in _SMALLER_IS_BETTER:
+        return "min"
+    return None
+
+
 def _bool_became_number(value: object, result: object) -> bool:
     """Whether validating `value` into `result` turned a true/false, at any depth, into a number."""
     if isinstance(value, bool):
@@ -236,8 +254,33 @@ class CheckpointSection(_Section):
     """Step checkpoints kept besides best."""
     monitor: str = "val/loss"
     """Validation metric that decides the best checkpoint."""
-    mode: Literal["min", "max"] = "min"
-    """Whether a smaller or a larger monitor value is better."""
+    mode: Literal["min", "max"] | None = None
+    """Whether a smaller or a larger monitor is better; null: from its name (acc, f1, psnr: max; loss, mse: min)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_monitor(cls, values: Any) -> Any:
+        # Filled in before validation, so the resolved config (and config.yaml) shows the mode used.
+        if not isinstance(values, dict) or values.get("mode") is not None:
+            return values
+        monitor = values.get("monitor", cls.model_fields["monitor"].default)
+        if not isinstance(monitor, str):
+            return values  # the field's own check names the wrong type
+        mode = metric_mode(monitor)
+        if mode is None:
+            raise _conflict(("mode",), f"required for monitor {monitor!r}, whose direction ptft does not know: "
+                                       f"min if smaller is better, max if larger is")
+        return {**values, "mode": mode}
+
+    @model_validator(mode="after")
+    def _mode_fits_monitor(self) -> CheckpointSection:
+        known = metric_mode(self.monitor)
+        if known is not None and self.mode != known:
+            better = "larger" if known == "max" else "smaller"
+            raise _conflict(("mode", "monitor"), (
+                f"mode {self.mode!r} would keep the worst checkpoint: a {better} {self.monitor} is better; "
+                f"set mode: {known} or leave mode out"))
+        return self
 
 
 class Config(BaseModel):

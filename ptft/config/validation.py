@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from ptft.config.messages import Problem, explain, show, unknown_key
 from ptft.config.schema import BUILDER_SECTIONS, BuilderOptions, Config, ModelSection, ObjectiveSection
+from ptft.config.trust import ImportTrust
 from ptft.errors import UserError
 from ptft.registry import Registry
 
@@ -40,15 +41,20 @@ def load_registries() -> Registries:
     return Registries(MODELS, OBJECTIVES, DATASETS, OPTIMIZERS, SCHEDULES)
 
 
-def validate_config(raw: dict, default_run_dir: str, problems: list[Problem]) -> Config | None:
-    """The config of a merged mapping, or None with its problems (every section's) added to `problems`."""
+def validate_config(raw: dict, default_run_dir: str, problems: list[Problem],
+                    trust: ImportTrust | None = None) -> Config | None:
+    """The config of a merged mapping, or None with its problems (every section's) added to `problems`.
+
+    `trust`: for a config read from a run, which `package.module:builder` names may be imported;
+    None for the user's own config, whose names are all theirs.
+    """
     registries = load_registries()
     known_sections = list(Config.model_fields)
     problems.extend(unknown_key("", str(key), known_sections) for key in raw if key not in known_sections)
     sections: dict[str, BaseModel | None] = {}
     for name, field in Config.model_fields.items():  # model before objective: "auto" needs the model
         values = _section_values(raw, name, problems)
-        if values is None:
+        if values is None or _refused_import(name, values, registries, trust, problems):
             sections[name] = None
         elif name == "model":
             sections[name] = _validate_builder(name, values, registries.models, problems)
@@ -65,6 +71,19 @@ def validate_config(raw: dict, default_run_dir: str, problems: list[Problem]) ->
     if problems or any(section is None for section in sections.values()):
         return None
     return Config(**sections)
+
+
+def _refused_import(section: str, values: dict, registries: Registries, trust: ImportTrust | None,
+                    problems: list[Problem]) -> bool:
+    """Whether the section names a builder to import that `trust` does not allow; checked before any import."""
+    registry = {"model": registries.models, "objective": registries.objectives}.get(section)
+    name = values.get("name")
+    if trust is None or registry is None or not isinstance(name, str) or not registry.is_import_path(name):
+        return False
+    if trust.allows(name):
+        return False
+    problems.append(Problem((f"{section}.name",), trust.refusal(name)))
+    return True
 
 
 def _check_image_size(data: BaseModel, datasets: Registry, problems: list[Problem]) -> None:
@@ -109,16 +128,37 @@ def _validate_builder(section: str, values: dict, registry: Registry,
         problems.append(Problem((f"{section}.name",), f"expected a {registry.kind} name, got {show(name)}"))
         return None
     try:
-        options_model = _options_model(registry.get(name))
+        builder = registry.get(name)
     except UserError as exc:
         problems.append(Problem((f"{section}.name",), str(exc)))
         return None
+    options = _builder_options(section, builder, values, problems)
+    return None if options is None else cls(name=name, options=options)
+
+
+def check_builder_options(section: str, builder, values: dict) -> dict:
+    """`values` as `builder`'s keyword options, defaults filled in, checked as the config checks them.
+
+    For builders called from Python rather than from a config, so both meet one set of rules:
+    the builder's annotations.
+
+    Raises:
+        UserError: naming each offending `section.key`, what was expected and the value given.
+    """
+    problems: list[Problem] = []
+    options = _builder_options(section, builder, dict(values), problems)
+    if problems:
+        raise UserError("; ".join(f"{', '.join(p.keys)}: {p.message}" for p in problems))
+    return options
+
+
+def _builder_options(section: str, builder, values: dict, problems: list[Problem]) -> dict | None:
+    options_model = _options_model(builder)
     try:
-        options = options_model.model_validate(values).model_dump()
+        return options_model.model_validate(values).model_dump()
     except ValidationError as exc:
         problems.extend(explain(exc, section, options_model, values, ["name", *options_model.model_fields]))
         return None
-    return cls(name=name, options=options)
 
 
 def _validate_objective(values: dict, model: ModelSection | None, registries: Registries,

@@ -28,7 +28,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@DATASETS.register(description="scikit-learn's 1,797 8x8 handwritten digits (offline; fixed 20% test split)")
+# pixel_levels: sklearn's digits count pixels 0..16 (sources.load_digits divides by 16), so
+# predict quantises a user's 8-bit image to the same 17 levels the model was trained on.
+@DATASETS.register(description="scikit-learn's 1,797 8x8 handwritten digits (offline; fixed 20% test split)",
+                   pixel_levels=16)
 def digits(root: Path, download: bool) -> DatasetTensors:
     from ptft.data import sources
 

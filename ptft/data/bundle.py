@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
+import math
 from pathlib import Path
 
 import torch
 
 from ptft.data import DATASETS
+from ptft.data.fingerprint import data_fingerprint
 from ptft.data.splits import label_subset, train_val_split
 from ptft.data.tensors import DataBundle, DatasetTensors, TensorSplit
 from ptft.errors import DataError
@@ -30,14 +31,14 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
 
     Raises:
         UserError: unknown dataset name. DataError: missing files, a label budget the data
-            cannot meet, or a validation fraction that leaves no training examples.
+            cannot meet, or a validation fraction that rounds to no validation examples.
     """
     name = data_cfg.name
     tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download,
                                                  **_size_option(name, data_cfg.image_size))
     train_idx, val_idx = train_val_split(tensors.train_y, data_cfg.val_fraction, data_cfg.split_seed)
-    if len(train_idx) == 0:
-        raise DataError(f"data.val_fraction: {data_cfg.val_fraction} leaves no training examples of {name}")
+    if len(val_idx) == 0:
+        raise _no_validation_examples(name, data_cfg.val_fraction, tensors.train_y)
     # Indices into the dataset's train set, (L,) with L <= len(train_idx).
     labelled_idx = train_idx[label_subset(tensors.train_y[train_idx], label_fraction=data_cfg.label_fraction,
                                           labels_per_class=data_cfg.labels_per_class, seed=data_cfg.split_seed)]
@@ -51,8 +52,20 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
         test=_to_device(tensors.test_x, tensors.test_y, device),
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
         input_shape=tuple(tensors.train_x.shape[1:]),
-        fingerprint=_fingerprint(name, data_cfg.split_seed, val_idx, labelled_idx),
+        fingerprint=data_fingerprint(data_cfg, tensors.train_x, tensors.train_y, val_idx, labelled_idx),
     )
+
+
+def _no_validation_examples(name: str, val_fraction: float, train_y: torch.Tensor) -> DataError:
+    largest = int(torch.bincount(train_y).max())
+    if largest < 2:
+        return DataError(f"data.val_fraction: {name}'s train split holds one example per class, and each class keeps "
+                         "one for training: none is left for validation; add examples")
+    # The largest class gives one example once largest * f rounds half up to 1: f >= 0.5 / largest.
+    at_least = math.ceil(50 / largest) / 100
+    return DataError(f"data.val_fraction: {val_fraction} takes no validation examples from {name}'s {len(train_y)} "
+                     f"training examples (each class gives round({val_fraction} x its size), at most all but one, "
+                     f"and the largest class has {largest}); set data.val_fraction to at least {at_least}")
 
 
 def _size_option(name: str, image_size: int | None) -> dict:
@@ -76,20 +89,3 @@ def _unlabelled_examples(tensors: DatasetTensors, train_idx: torch.Tensor) -> tu
         return x, y
     no_label = torch.full((len(tensors.unlabelled_x),), -1, dtype=torch.long)
     return torch.cat([x, tensors.unlabelled_x]), torch.cat([y, no_label])
-
-
-def _index_sha256(index: torch.Tensor) -> str:
-    # The set, not the order: sorted int64 little-endian bytes.
-    return hashlib.sha256(index.sort().values.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
-
-
-def _fingerprint(name: str, split_seed: int, val_idx: torch.Tensor, labelled_idx: torch.Tensor) -> dict:
-    """What checkpoints record so a later stage can tell it sees the same examples."""
-    return {
-        "dataset": name,
-        "split_seed": split_seed,
-        "val_size": len(val_idx),
-        "val_sha256": _index_sha256(val_idx),
-        "labelled_size": len(labelled_idx),
-        "labelled_sha256": _index_sha256(labelled_idx),
-    }

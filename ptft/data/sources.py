@@ -36,7 +36,6 @@ STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGEFOLDER_LAYOUT = "train/<class>/<image>, optionally test/<class>/<image> and unlabelled/<image>"
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one colour channel
 
 
 def load_digits() -> DatasetTensors:
@@ -161,10 +160,12 @@ def load_imagefolder(root: Path, image_size: int | None) -> DatasetTensors:
     train (as for digits). Images anywhere under `root/unlabelled/` join pretraining without
     labels. Images are grey (C = 1) when every one is greyscale, RGB (C = 3) otherwise, and are
     resized to `image_size` squared when it is set; without it they must all share one size.
+    `ptft.data.images` says what a pixel of each PIL mode becomes (16-bit, float, alpha, ...).
 
     Raises:
         DataError: a missing train folder, a class without images, a test class unknown to
-            train, an unreadable image, or mixed sizes without `image_size` (each names the path).
+            train, an unreadable image, a mode or pixel values with no meaning in 0..255, or
+            mixed sizes without `image_size` (each names the path).
     """
     train_dir, test_dir, unlabelled_dir = root / "train", root / "test", root / "unlabelled"
     if not train_dir.is_dir():
@@ -211,21 +212,24 @@ def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list
 
 
 def _decode_images(files: list[Path], image_size: int | None, root: Path) -> torch.Tensor:
-    """Decode every file into one uint8 (N, C, H, W) tensor (grey or RGB, one size)."""
+    """Decode every file into one uint8 (N, C, H, W) tensor (grey or RGB, one size; see `images`)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
+
+    from ptft.data import images
 
     def unreadable(path: Path, exc: Exception) -> DataError:
         return DataError(f"data.root: cannot read image '{path}' ({exc})")
 
-    headers = []  # (mode, size) from each file's header: cheap, and fixes C and H x W before decoding
+    headers = []  # (channels, size) from each file's header: cheap, and fixes C and H x W before decoding
     for path in files:
         try:
             with Image.open(path) as image:
-                headers.append((image.mode, image.size))
-        except (OSError, UnidentifiedImageError) as exc:
+                headers.append((images.channels_of(path, image.mode), image.size))
+        # PIL refuses images of over 2 * Image.MAX_IMAGE_PIXELS pixels as decompression bombs.
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise unreadable(path, exc) from None
-    mode = "L" if all(header_mode in GREY_MODES for header_mode, _ in headers) else "RGB"
+    channels = max(header_channels for header_channels, _ in headers)  # colour anywhere makes every image RGB
     if image_size is not None:
         size = (image_size, image_size)
     else:
@@ -236,17 +240,11 @@ def _decode_images(files: list[Path], image_size: int | None, root: Path) -> tor
                             f"'{b}' is {second[0]}x{second[1]}); set data.image_size to resize them all")
         size = headers[0][1]
     width, height = size
-    channels = 1 if mode == "L" else 3
     out = np.empty((len(files), height, width, channels), dtype=np.uint8)
     for i, path in enumerate(files):
         # A readable header does not make a readable file: a truncated one fails only here.
         try:
-            with Image.open(path) as image:
-                # Palette, 16-bit and alpha images convert to plain L or RGB first; resizing ignores aspect.
-                image = image.convert(mode)
-                if image.size != size:
-                    image = image.resize(size, Image.Resampling.BILINEAR)
-                out[i] = np.asarray(image).reshape(height, width, channels)
+            out[i] = images.read_image(path, channels, size)
         except OSError as exc:
             raise unreadable(path, exc) from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

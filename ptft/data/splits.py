@@ -16,13 +16,18 @@ def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tup
 
     Args:
         labels: (N,) int64 class labels, all >= 0.
-        val_fraction: share of each class that goes to validation (rounded half up per class).
+        val_fraction: share of each class that goes to validation (rounded half up per class),
+            at most all but one of its examples.
         seed: seeds the choice; the same seed and labels give the same indices.
 
     Returns:
-        (train_idx, val_idx): disjoint sorted int64 index tensors that together cover 0..N-1.
+        (train_idx, val_idx): disjoint sorted int64 index tensors that together cover 0..N-1;
+        every class of `labels` has an example in train_idx.
     """
-    quota = _share_of_each_class(torch.bincount(labels), val_fraction)
+    counts = torch.bincount(labels)
+    # Half of a 1-example class rounds up to all of it: the class would vanish from training and,
+    # silently, from every labelled subset drawn from it.
+    quota = torch.minimum(_share_of_each_class(counts, val_fraction), (counts - 1).clamp(min=0))
     val_idx, train_idx = _stratified_pick(labels, quota, seed)
     return train_idx, val_idx
 

@@ -44,4 +44,4 @@ class DataBundle:
     num_classes: int
     class_names: list[str]
     input_shape: tuple[int, int, int]  # (C, H, W)
-    fingerprint: dict  # dataset, split_seed, sizes and sha256 of the val / labelled index sets
+    fingerprint: dict  # see ptft.data.fingerprint: dataset identity, split settings, index-set hashes

@@ -10,14 +10,22 @@ Registered with `kind` ("autoencoder", "classifier", "encoder") for config valid
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import functools
+from typing import Annotated, Literal
 
-from ptft.errors import UserError
+from pydantic import Field
+
 from ptft.registry import Registry
 
 MODELS = Registry("model", entry_point_group="ptft.models", allow_import_path=True)
 
+# Option types. Their ranges are the checks: config validation reads them from the builders'
+# signatures (so `ptft config` catches `model.latent=0`), and `_checked` applies the same
+# ones to builders called from Python.
 Activation = Literal["relu", "gelu", "silu"]
+Size = Annotated[int, Field(ge=1)]
+Sizes = Annotated[list[Size], Field(min_length=1)]
+Dropout = Annotated[float, Field(ge=0, lt=1)]
 
 
 def summarize(model) -> list[tuple[str, int]]:
@@ -25,78 +33,58 @@ def summarize(model) -> list[tuple[str, int]]:
     return [(name, sum(p.numel() for p in child.parameters())) for name, child in model.named_children()]
 
 
-def _check_sizes(key: str, values: list[int]) -> None:
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"model.{key}: expected a non-empty list of positive integers, got {values!r}")
+def _checked(builder):
+    """The builder, its keyword options checked against its annotations on every call, as a config's are."""
 
+    @functools.wraps(builder)
+    def build(input_shape, num_classes, **options):
+        from ptft.config.validation import check_builder_options
 
-def _check_positive(key: str, value: int) -> None:
-    if value < 1:
-        raise UserError(f"model.{key}: expected an integer >= 1, got {value!r}")
+        return builder(input_shape, num_classes, **check_builder_options("model", builder, options))
 
-
-def _check_probability(key: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise UserError(f"model.{key}: expected a dropout probability in [0, 1), got {value!r}")
-
-
-def _check_activation(value: str) -> None:
-    if value not in get_args(Activation):
-        raise UserError(f"model.activation: expected one of {', '.join(get_args(Activation))}, got {value!r}")
-
-
-def _checked_mlp(hidden: list[int], latent: int, activation: str, dropout: float) -> None:
-    _check_sizes("hidden", hidden)
-    _check_positive("latent", latent)
-    _check_activation(activation)
-    _check_probability("dropout", dropout)
-
-
-def _checked_conv(channels: list[int], latent: int, activation: str) -> None:
-    _check_sizes("channels", channels)
-    _check_positive("latent", latent)
-    _check_activation(activation)
+    return build
 
 
 # ---- MLP: flatten -> hidden blocks -> linear latent -------------------------------------------
 
 @MODELS.register(kind="autoencoder")
-def mlp_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, hidden: list[int] = [256, 128],
-                    latent: int = 64, activation: Activation = "relu", dropout: float = 0.0, batch_norm: bool = False):
+@_checked
+def mlp_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, hidden: Sizes = [256, 128],
+                    latent: Size = 64, activation: Activation = "relu", dropout: Dropout = 0.0,
+                    batch_norm: bool = False):
     """MLP autoencoder: flatten -> hidden layers -> latent -> mirrored decoder, output in [0, 1]."""
     from ptft.models import compose, mlp
 
-    _checked_mlp(hidden, latent, activation, dropout)
     encoder = mlp.mlp_encoder(input_shape, hidden, latent, activation, dropout, batch_norm)
     return compose.AutoEncoder(encoder, mlp.mlp_decoder(input_shape, hidden, latent, activation, batch_norm))
 
 
 @MODELS.register(kind="classifier")
-def mlp_classifier(input_shape: tuple[int, int, int], num_classes: int, *, hidden: list[int] = [256, 128],
-                   latent: int = 64, activation: Activation = "relu", dropout: float = 0.0, batch_norm: bool = False,
-                   head_dropout: float = 0.0):
+@_checked
+def mlp_classifier(input_shape: tuple[int, int, int], num_classes: int, *, hidden: Sizes = [256, 128],
+                   latent: Size = 64, activation: Activation = "relu", dropout: Dropout = 0.0, batch_norm: bool = False,
+                   head_dropout: Dropout = 0.0):
     """MLP classifier: the mlp_autoencoder's encoder plus a linear head."""
     from ptft.models import compose, mlp
 
-    _checked_mlp(hidden, latent, activation, dropout)
-    _check_probability("head_dropout", head_dropout)
     encoder = mlp.mlp_encoder(input_shape, hidden, latent, activation, dropout, batch_norm)
     return compose.classifier(encoder, num_classes, head_dropout)
 
 
 @MODELS.register(kind="encoder")
-def mlp_encoder(input_shape: tuple[int, int, int], num_classes: int, *, hidden: list[int] = [256, 128],
-                latent: int = 64, activation: Activation = "relu", dropout: float = 0.0, batch_norm: bool = False):
+@_checked
+def mlp_encoder(input_shape: tuple[int, int, int], num_classes: int, *, hidden: Sizes = [256, 128],
+                latent: Size = 64, activation: Activation = "relu", dropout: Dropout = 0.0, batch_norm: bool = False):
     """MLP encoder alone (features = latent), for objectives with their own head, e.g. contrastive."""
     from ptft.models import compose, mlp
 
-    _checked_mlp(hidden, latent, activation, dropout)
     return compose.EncoderOnly(mlp.mlp_encoder(input_shape, hidden, latent, activation, dropout, batch_norm))
 
 
 @MODELS.register(kind="autoencoder")
-def tiny_mlp_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, hidden: list[int] = [8],
-                         latent: int = 8, activation: Activation = "relu", dropout: float = 0.0,
+@_checked
+def tiny_mlp_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, hidden: Sizes = [8],
+                         latent: Size = 8, activation: Activation = "relu", dropout: Dropout = 0.0,
                          batch_norm: bool = False):
     """Tiny mlp_autoencoder for tests (about 1,200 parameters on 8x8 digits)."""
     return mlp_autoencoder(input_shape, num_classes, hidden=hidden, latent=latent, activation=activation,
@@ -104,9 +92,10 @@ def tiny_mlp_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *,
 
 
 @MODELS.register(kind="classifier")
-def tiny_mlp_classifier(input_shape: tuple[int, int, int], num_classes: int, *, hidden: list[int] = [8],
-                        latent: int = 8, activation: Activation = "relu", dropout: float = 0.0,
-                        batch_norm: bool = False, head_dropout: float = 0.0):
+@_checked
+def tiny_mlp_classifier(input_shape: tuple[int, int, int], num_classes: int, *, hidden: Sizes = [8],
+                        latent: Size = 8, activation: Activation = "relu", dropout: Dropout = 0.0,
+                        batch_norm: bool = False, head_dropout: Dropout = 0.0):
     """Tiny mlp_classifier for tests; loads tiny_mlp_autoencoder's encoder."""
     return mlp_classifier(input_shape, num_classes, hidden=hidden, latent=latent, activation=activation,
                           dropout=dropout, batch_norm=batch_norm, head_dropout=head_dropout)
@@ -115,51 +104,52 @@ def tiny_mlp_classifier(input_shape: tuple[int, int, int], num_classes: int, *, 
 # ---- Conv: stride-2 3x3 conv stages -> flatten -> linear latent -------------------------------
 
 @MODELS.register(kind="autoencoder")
-def conv_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, channels: list[int] = [32, 64],
-                     latent: int = 128, activation: Activation = "relu", batch_norm: bool = True):
+@_checked
+def conv_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, channels: Sizes = [32, 64],
+                     latent: Size = 128, activation: Activation = "relu", batch_norm: bool = True):
     """Conv autoencoder: stride-2 conv stages -> latent -> transposed convs, output in [0, 1]."""
     from ptft.models import compose, conv
 
-    _checked_conv(channels, latent, activation)
     encoder = conv.conv_encoder(input_shape, channels, latent, activation, batch_norm)
     return compose.AutoEncoder(encoder, conv.conv_decoder(input_shape, channels, latent, activation, batch_norm))
 
 
 @MODELS.register(kind="classifier")
-def conv_classifier(input_shape: tuple[int, int, int], num_classes: int, *, channels: list[int] = [32, 64],
-                    latent: int = 128, activation: Activation = "relu", batch_norm: bool = True,
-                    head_dropout: float = 0.0):
+@_checked
+def conv_classifier(input_shape: tuple[int, int, int], num_classes: int, *, channels: Sizes = [32, 64],
+                    latent: Size = 128, activation: Activation = "relu", batch_norm: bool = True,
+                    head_dropout: Dropout = 0.0):
     """Conv classifier: the conv_autoencoder's encoder plus a linear head."""
     from ptft.models import compose, conv
 
-    _checked_conv(channels, latent, activation)
-    _check_probability("head_dropout", head_dropout)
     encoder = conv.conv_encoder(input_shape, channels, latent, activation, batch_norm)
     return compose.classifier(encoder, num_classes, head_dropout)
 
 
 @MODELS.register(kind="encoder")
-def conv_encoder(input_shape: tuple[int, int, int], num_classes: int, *, channels: list[int] = [32, 64],
-                 latent: int = 128, activation: Activation = "relu", batch_norm: bool = True):
+@_checked
+def conv_encoder(input_shape: tuple[int, int, int], num_classes: int, *, channels: Sizes = [32, 64],
+                 latent: Size = 128, activation: Activation = "relu", batch_norm: bool = True):
     """Conv encoder alone (features = latent), for objectives with their own head, e.g. contrastive."""
     from ptft.models import compose, conv
 
-    _checked_conv(channels, latent, activation)
     return compose.EncoderOnly(conv.conv_encoder(input_shape, channels, latent, activation, batch_norm))
 
 
 @MODELS.register(kind="autoencoder")
-def tiny_conv_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, channels: list[int] = [4, 8],
-                          latent: int = 8, activation: Activation = "relu", batch_norm: bool = True):
+@_checked
+def tiny_conv_autoencoder(input_shape: tuple[int, int, int], num_classes: int, *, channels: Sizes = [4, 8],
+                          latent: Size = 8, activation: Activation = "relu", batch_norm: bool = True):
     """Tiny conv_autoencoder for tests (about 1,300 parameters on 8x8 digits)."""
     return conv_autoencoder(input_shape, num_classes, channels=channels, latent=latent, activation=activation,
                             batch_norm=batch_norm)
 
 
 @MODELS.register(kind="classifier")
-def tiny_conv_classifier(input_shape: tuple[int, int, int], num_classes: int, *, channels: list[int] = [4, 8],
-                         latent: int = 8, activation: Activation = "relu", batch_norm: bool = True,
-                         head_dropout: float = 0.0):
+@_checked
+def tiny_conv_classifier(input_shape: tuple[int, int, int], num_classes: int, *, channels: Sizes = [4, 8],
+                         latent: Size = 8, activation: Activation = "relu", batch_norm: bool = True,
+                         head_dropout: Dropout = 0.0):
     """Tiny conv_classifier for tests; loads tiny_conv_autoencoder's encoder."""
     return conv_classifier(input_shape, num_classes, channels=channels, latent=latent, activation=activation,
                            batch_norm=batch_norm, head_dropout=head_dropout)
@@ -170,32 +160,35 @@ def tiny_conv_classifier(input_shape: tuple[int, int, int], num_classes: int, *,
 def _resnet_classifier(arch: str, input_shape, num_classes: int, small_input: bool, head_dropout: float):
     from ptft.models import compose, resnet
 
-    _check_probability("head_dropout", head_dropout)
     return compose.classifier(resnet.ResNetEncoder(arch, input_shape[0], small_input), num_classes, head_dropout)
 
 
 @MODELS.register(kind="classifier")
+@_checked
 def resnet18_classifier(input_shape: tuple[int, int, int], num_classes: int, *, small_input: bool = True,
-                        head_dropout: float = 0.0):
+                        head_dropout: Dropout = 0.0):
     """torchvision ResNet-18 (random init) with a linear head; small_input: 3x3 stem, no max-pool."""
     return _resnet_classifier("resnet18", input_shape, num_classes, small_input, head_dropout)
 
 
 @MODELS.register(kind="classifier")
+@_checked
 def resnet34_classifier(input_shape: tuple[int, int, int], num_classes: int, *, small_input: bool = True,
-                        head_dropout: float = 0.0):
+                        head_dropout: Dropout = 0.0):
     """torchvision ResNet-34 (random init) with a linear head; small_input: 3x3 stem, no max-pool."""
     return _resnet_classifier("resnet34", input_shape, num_classes, small_input, head_dropout)
 
 
 @MODELS.register(kind="classifier")
+@_checked
 def resnet50_classifier(input_shape: tuple[int, int, int], num_classes: int, *, small_input: bool = True,
-                        head_dropout: float = 0.0):
+                        head_dropout: Dropout = 0.0):
     """torchvision ResNet-50 (random init) with a linear head; small_input: 3x3 stem, no max-pool."""
     return _resnet_classifier("resnet50", input_shape, num_classes, small_input, head_dropout)
 
 
 @MODELS.register(kind="encoder")
+@_checked
 def resnet18_encoder(input_shape: tuple[int, int, int], num_classes: int, *, small_input: bool = True):
     """torchvision ResNet-18 encoder alone (512 pooled features), e.g. for contrastive pretraining."""
     from ptft.models import compose, resnet

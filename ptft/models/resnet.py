@@ -13,6 +13,8 @@ import torchvision
 from torch import nn
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+# The two stems by conv1's kernel size: (the small_input value that builds it, how to name it).
+STEMS = {7: (False, "ImageNet's 7x7 stem"), 3: (True, "the 3x3 small-input stem")}
 
 
 class ResNetEncoder(nn.Module):
@@ -51,6 +53,19 @@ class ResNetEncoder(nn.Module):
         if top in STAGES:
             return STAGES.index(top) + 1
         raise ValueError(f"not a ResNet encoder parameter: {param_name!r}")
+
+    def explain_mismatch(self, param_name: str, file_shape, model_shape) -> str | None:
+        """The fix, in config terms, for weights whose stem is the other one (see weights.match_into).
+
+        A torchvision ImageNet file has the 7x7 stem; the default here is the 3x3 small-input stem.
+        """
+        if param_name != "conv1.weight" or len(file_shape) != 4 or len(model_shape) != 4:
+            return None
+        theirs, ours = STEMS.get(file_shape[-1]), STEMS.get(model_shape[-1])
+        if theirs is None or ours is None or theirs == ours:
+            return None
+        return (f"The file's conv1 is {theirs[1]}, the model's {ours[1]}: set "
+                f"model.small_input={str(theirs[0]).lower()} to build the file's stem")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

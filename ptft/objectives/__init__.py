@@ -6,7 +6,8 @@ parameters are the config's `objective:` keys. An objective is an `nn.Module` wi
 a dict of 0-dim tensors to log, all randomness drawn from `generator`. Builders check the
 model's kind and the option values, then import torch; `import ptft.objectives` does not.
 Each is registered with `model_kinds`, the model kinds it accepts, so config validation can
-refuse a mismatch without building anything.
+refuse a mismatch without building anything. An objective whose loss depends on how a split is
+cut into batches sets `eval_chunk_size` (others set None); validation then uses that batch size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from ptft.registry import Registry
 OBJECTIVES = Registry("objective")
 
 Noise = Literal["gaussian", "mask"]
+
+# Validation batch size of the objectives whose loss depends on the batching: contrastive (the
+# negatives are the rest of the batch) and those that draw noise per call (which example gets
+# which draw depends on where batches start). Fixed here, not taken from data.eval_batch_size,
+# because --resume may change that key and val/loss must stay comparable to pick the best step.
+EVAL_CHUNK_SIZE = 256
 
 _KIND_NAMES = {"autoencoder": "an autoencoder", "classifier": "a classifier", "encoder": "an encoder-only model"}
 

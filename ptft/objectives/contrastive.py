@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptft.objectives import EVAL_CHUNK_SIZE
 from ptft.objectives.augment import Augment
 
 
@@ -57,6 +58,8 @@ class Contrastive(nn.Module):
     needs_labels = False
     # Only model.encoder takes part: a decoder or head gets no gradient (DDP must know).
     uses_only_encoder = True
+    # Each validation chunk is its own NT-Xent problem with its own negatives.
+    eval_chunk_size = EVAL_CHUNK_SIZE
 
     def __init__(self, in_features: int, augment: Augment, temperature: float, hidden_dim: int, projector_dim: int):
         super().__init__()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptft.objectives import EVAL_CHUNK_SIZE
 from ptft.objectives.augment import gaussian_noise
 
 
@@ -18,6 +19,7 @@ class Reconstruction(nn.Module):
     """MSE between `model(x)` and x."""
 
     needs_labels = False
+    eval_chunk_size = None  # no randomness, a per-example mean: any batching gives the same figure
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -41,6 +43,8 @@ class Denoising(nn.Module):
     """
 
     needs_labels = False
+    # The noise an example gets depends on where its batch starts in the generator's stream.
+    eval_chunk_size = EVAL_CHUNK_SIZE
 
     def __init__(self, noise: str, std: float, mask_prob: float):
         super().__init__()
@@ -83,6 +87,9 @@ class Masked(nn.Module):
     """
 
     needs_labels = False
+    # Masks depend on where a batch starts in the generator's stream, and images cut at the
+    # border hide unequal pixel counts, so the batch's mean over hidden values is no per-example mean.
+    eval_chunk_size = EVAL_CHUNK_SIZE
 
     def __init__(self, patch_size: int, mask_ratio: float):
         super().__init__()

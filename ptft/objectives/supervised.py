@@ -18,6 +18,7 @@ class Supervised(nn.Module):
     """
 
     needs_labels = True
+    eval_chunk_size = None  # validation draws nothing: per-example means, any batching agrees
 
     def __init__(self, label_smoothing: float, augment: Augment | None = None):
         super().__init__()

@@ -1,0 +1,138 @@
+"""Image files of any PIL mode as uint8 grey or RGB pixels: what a pixel of each mode means in 0..255.
+
+PIL's `convert("L")` clips 16-bit, 32-bit and float images at 255 and drops alpha, so a folder of
+16-bit scans would train on white squares. Every image ptft reads from a user's files goes through
+`read_image`, with these rules:
+
+- 8-bit modes ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"): PIL's conversion. "1" is 0 or 255,
+  a palette is expanded, CMYK becomes (255 - C) * (255 - K) / 255, YCbCr is JPEG's full-range YCbCr.
+- Transparency (the alpha of "LA", "PA", "RGBA"; a transparent palette entry or colour) is composited
+  over black: every band becomes v * alpha / 255, rounded half up. A transparent pixel is 0 whatever
+  colour it hides (editors leave anything there); an opaque image is unchanged.
+- Integer samples wider than 8 bits ("I;16", "I;16B", ..., "I") map linearly from their range [lo, hi]
+  to the nearest uint8, round((v - lo) * 255 / (hi - lo)). The range is the one the file declares
+  (TIFF MinSampleValue / MaxSampleValue: 12-bit data in a 16-bit TIFF declares 4095), else the bit
+  depth: [0, 65535] for 16-bit, where this is the exact inverse of the usual 8- to 16-bit expansion
+  (k * 257 -> k). A 32-bit image ("I") has no bit depth worth scaling by (its values are counts,
+  depths or labels), so it is refused unless its file declares a range.
+- Float samples ("F") are intensities in [0, 1]: round(v * 255), half up.
+
+Values outside the range (or not finite) are a DataError naming the file and its mode, never
+saturated pixels; so is a mode with no meaning here (e.g. "LAB").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ptft.errors import DataError
+
+GREY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one colour channel
+COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+WIDE_MODES = {"I;16": "16-bit integer", "I;16L": "16-bit integer", "I;16B": "16-bit integer",
+              "I;16N": "16-bit integer", "I": "32-bit integer", "F": "32-bit float"}
+ALPHA_MODES = ("LA", "PA", "RGBA")
+TIFF_MIN_SAMPLE_VALUE, TIFF_MAX_SAMPLE_VALUE = 280, 281  # TIFF tags: the range a file's samples span
+SIXTEEN_BIT_MAX = 65535
+
+
+def channels_of(path: Path, mode: str) -> int:
+    """1 for a grey PIL mode, 3 for a colour one.
+
+    Raises:
+        DataError: a mode whose pixels ptft cannot interpret (the message names the file).
+    """
+    if mode in GREY_MODES:
+        return 1
+    if mode in COLOUR_MODES:
+        return 3
+    raise DataError(f"data.root: '{path}' is a PIL mode {mode} image, which ptft cannot turn into grey or RGB "
+                    f"pixels (it reads modes {', '.join(GREY_MODES + COLOUR_MODES)}); save it as RGB")
+
+
+def read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One image file as uint8 pixels (H, W, channels), resized bilinearly to `size` (W, H), aspect ignored.
+
+    Grey images are replicated into RGB; colour ones become grey by PIL's luma (convert("L")).
+
+    Raises:
+        DataError: an unknown mode, or values outside the image's range (the message names the file).
+        OSError: a file PIL cannot decode.
+    """
+    with Image.open(path) as image:
+        channels_of(path, image.mode)
+        pixels = _eight_bit(image, path).convert("L" if channels == 1 else "RGB")
+    if pixels.size != size:
+        # After the 8-bit conversion, so wide samples are scaled once, exactly, before interpolation.
+        pixels = pixels.resize(size, Image.Resampling.BILINEAR)
+    width, height = size
+    return np.asarray(pixels).reshape(height, width, channels)
+
+
+def _eight_bit(image: Image.Image, path: Path) -> Image.Image:
+    """`image` as an 8-bit PIL image without alpha (grey stays grey, colour stays colour)."""
+    if image.mode in WIDE_MODES:
+        return _scaled_to_eight_bits(image, path)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        return _composited_over_black(image)
+    return image.convert("L" if image.mode in GREY_MODES else "RGB")
+
+
+def _composited_over_black(image: Image.Image) -> Image.Image:
+    grey = image.mode in GREY_MODES
+    # convert() turns a transparent palette entry or colour into alpha: (H, W, bands + 1).
+    bands = np.asarray(image.convert("LA" if grey else "RGBA"), dtype=np.uint32)
+    colour, alpha = bands[..., :-1], bands[..., -1:]
+    # v * alpha / 255 rounded half up, in integers: floor((2 v alpha + 255) / 510).
+    over_black = ((2 * colour * alpha + 255) // 510).astype(np.uint8)
+    return Image.fromarray(over_black[..., 0] if grey else over_black)
+
+
+def _scaled_to_eight_bits(image: Image.Image, path: Path) -> Image.Image:
+    values = np.asarray(image).astype(np.float64)  # (H, W); exact for every 32-bit integer
+    low, high, range_name = _sample_range(image, path)
+    if not np.isfinite(values).all():
+        found = "some are not finite"
+    elif values.min() < low or values.max() > high:
+        found = f"min {_number(values.min())}, max {_number(values.max())}"
+    else:
+        # The product first: (v - lo) * 255 is exact, so ties like 127.5 round up, not by float noise.
+        return Image.fromarray(np.floor((values - low) * 255 / (high - low) + 0.5).astype(np.uint8))
+    advice = ("ptft reads float images as intensities in [0, 1]: rescale them" if image.mode == "F"
+              else "fix the file's range tags or rescale its values")
+    raise DataError(f"data.root: {_described(image, path)} has values outside {range_name} ({found}); {advice}")
+
+
+def _sample_range(image: Image.Image, path: Path) -> tuple[float, float, str]:
+    """(lo, hi, how to name it) of a wide image's samples; see the module docstring."""
+    if image.mode == "F":
+        return 0.0, 1.0, "[0, 1]"
+    tags = getattr(image, "tag_v2", None)  # TIFF files only
+    if tags is not None and TIFF_MAX_SAMPLE_VALUE in tags:
+        low, high = _first(tags.get(TIFF_MIN_SAMPLE_VALUE, 0)), _first(tags[TIFF_MAX_SAMPLE_VALUE])
+        if high <= low:
+            raise DataError(f"data.root: {_described(image, path)} declares an empty value range [{low}, {high}] "
+                            "(TIFF MinSampleValue / MaxSampleValue); fix the file's range tags")
+        return low, high, f"its declared range [{low}, {high}]"
+    # Pillow before 10 opens 16-bit grey PNGs as "I": PNG samples are never wider than 16 bits.
+    if image.mode.startswith("I;16") or image.format == "PNG":
+        return 0, SIXTEEN_BIT_MAX, f"the 16-bit range [0, {SIXTEEN_BIT_MAX}]"
+    raise DataError(f"data.root: {_described(image, path)} declares no value range, so ptft cannot tell which "
+                    "value is white; save it as 8- or 16-bit, as float in [0, 1], or as a TIFF with "
+                    "MinSampleValue / MaxSampleValue tags")
+
+
+def _described(image: Image.Image, path: Path) -> str:
+    return f"'{path}' (PIL mode {image.mode}, {WIDE_MODES[image.mode]})"
+
+
+def _first(tag_value) -> int | float:
+    # A TIFF tag holds one value per sample; a grey image has one sample.
+    return tag_value[0] if isinstance(tag_value, tuple) else tag_value
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)

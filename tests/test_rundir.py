@@ -1,0 +1,84 @@
+"""The run directory: one run at a time, --overwrite really replaces, resume refuses a changed schedule length."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, tiny_pretrain_config, write_yaml
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="flock, symlinks and signals")
+
+
+def _last_step(run_dir) -> int:
+    last = run_dir / "checkpoints" / "last"
+    return int(last.resolve().name.split("-")[1]) if last.exists() else -1
+
+
+def test_second_launch_into_a_running_run_dir_exits_2_naming_dir_and_pid_and_kill_9_frees_it(tmp_path, ptft):
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(
+        tmp_path / "run", train={"max_steps": 100000, "eval_every_steps": 1000}, checkpoint={"every_steps": 5}))
+    running = subprocess.Popen([sys.executable, "-m", "ptft", "pretrain", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _last_step(tmp_path / "run") < 5:
+            assert time.monotonic() < deadline and running.poll() is None, running.communicate()
+            time.sleep(0.02)
+        running.send_signal(signal.SIGSTOP)  # frozen mid-run it still holds the lock, and leaves the CPU to us
+        for flags in ((), ("--overwrite",), ("--resume",)):
+            refused = ptft("pretrain", config, *flags)
+            assert refused.code == 2, refused.stderr
+            assert str(tmp_path / "run") in refused.stderr and f"pid {running.pid}" in refused.stderr
+            assert "Traceback" not in refused.stderr
+        assert _last_step(tmp_path / "run") >= 5  # --overwrite deleted nothing of the running run
+    finally:
+        running.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it
+        running.communicate()
+    end = _last_step(tmp_path / "run") + 3
+    resumed = ptft("pretrain", config, "--resume", f"train.max_steps={end}")
+    assert resumed.code == 0, resumed.stderr
+    assert _last_step(tmp_path / "run") == end
+
+
+def test_overwrite_with_a_symlinked_checkpoints_dir_replaces_the_old_run(tmp_path, ptft):
+    store = tmp_path / "big_disk" / "ckpts"
+    store.mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(store)
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run", train={"max_steps": 20}))
+    assert ptft("pretrain", config).code == 0
+    assert (store / "step-00000020").is_dir()
+    replaced = ptft("pretrain", config, "--overwrite", "train.max_steps=10")
+    assert replaced.code == 0, replaced.stderr
+    link = tmp_path / "run" / "checkpoints"
+    assert link.is_symlink() and link.resolve() == store.resolve()
+    assert sorted(p.name for p in store.iterdir()) == ["best", "last", "step-00000010"]
+    assert replaced.last_line == str((store / "step-00000010").resolve())
+
+
+def test_resume_refuses_a_new_length_for_a_cosine_schedule_naming_the_key(tmp_path, ptft):
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(
+        tmp_path / "run", train={"max_steps": 20}, schedule={"name": "cosine"}))
+    assert ptft("pretrain", config).code == 0
+    refused = ptft("pretrain", config, "--resume", "train.max_steps=30")
+    assert refused.code == 2, refused.stderr
+    assert "train.max_steps" in refused.stderr and "cosine" in refused.stderr
+    assert "init.checkpoint=" in refused.stderr and "Traceback" not in refused.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last").resolve().name == "step-00000020"
+    assert ptft("pretrain", config, "--resume").code == 0  # the same length still resumes
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step"])
+def test_resume_may_extend_a_schedule_that_does_not_depend_on_the_length(tmp_path, ptft, schedule):
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(
+        tmp_path / "run", train={"max_steps": 10}, schedule={"name": schedule}))
+    assert ptft("pretrain", config).code == 0
+    extended = ptft("pretrain", config, "--resume", "train.max_steps=15")
+    assert extended.code == 0, extended.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last").resolve().name == "step-00000015"

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""What only an accelerator can prove, in one short run: the checks CPU tests cannot make.
+
+Run it the day a GPU machine is lent (`scripts/gpu_check.sh`); `--dry-run` runs every check on the
+CPU with tiny lengths, so the test suite keeps the script from rotting. Each check drives the real
+CLI in a fresh process (`python -m ptft ...`) and records its exit code, wall time and figures:
+
+  bench        scripts/bench.py: ptft vs hand loop vs DataLoader vs Lightning, ms/step and ratios
+  train        a conv autoencoder and a ResNet-18 classifier at bf16 and fp16, with and without
+               train.compile: wall time, steps/s and final val/loss
+  resume       N steps unbroken vs N/2 + --resume N/2 on the device: max |weight difference|
+  evaluate     evaluate's peak device memory, read in-process (torch.cuda.max_memory_allocated)
+  torchrun     a one-process torchrun smoke of pretrain (NCCL when more than one GPU is visible)
+
+Writes `--out DIR/<date>.json` (default results/gpu/) and prints a short table on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_MODELS = {
+    "conv_ae": ["configs/conv_ae.yaml", "model.channels=[32,64]"],
+    "resnet18": ["configs/supervised_pretrain.yaml", "model.name=resnet18_classifier", "data.batch_size=256"],
+}
+# --dry-run proves the script's plumbing, not the models: the tiny variants keep it to seconds.
+DRY_RUN_MODELS = {
+    "conv_ae": ["configs/conv_ae.yaml", "model.name=tiny_conv_autoencoder", "model.channels=[4,8]", "model.latent=8"],
+    "resnet18": ["configs/supervised_pretrain.yaml", "model.name=tiny_conv_classifier", "model.channels=[4,8]",
+                 "model.latent=8"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny lengths: proves the script runs")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu", help="folder for <date>.json")
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="holds MNIST/raw")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per timed run")
+    return parser.parse_args(argv)
+
+
+def ptft(args: list[str], work: Path, timeout: float = 600) -> dict:
+    """Run `python -m ptft ARGS` and return exit code, wall seconds, last stdout line and stderr tail."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ptft", *args], capture_output=True, text=True, cwd=work,
+                          env=env, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 2),
+            "last": lines[-1] if lines else "", "stderr_tail": proc.stderr[-600:] if proc.returncode else ""}
+
+
+def final_val_loss(run_dir: Path) -> float | None:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    losses = [r["val/loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "val/loss" in r]
+    return losses[-1] if losses else None
+
+
+def check_train(ctx: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    precisions = ["bf16"] if ctx.dry_run else ["bf16", "fp16"]
+    compiles = [False] if ctx.dry_run else [False, True]
+    for name, base in (DRY_RUN_MODELS if ctx.dry_run else TRAIN_MODELS).items():
+        for precision in precisions:
+            for compiled in compiles:
+                run_dir = work / f"train-{name}-{precision}-{'compile' if compiled else 'eager'}"
+                result = ptft(["pretrain", str(REPO / base[0]), *base[1:], *ctx.common,
+                               f"train.precision={precision}", f"train.compile={str(compiled).lower()}",
+                               f"run.dir={run_dir}", "--overwrite"], work)
+                result.update(check="train", model=name, precision=precision, compile=compiled,
+                              steps_per_s=round(ctx.steps / result["seconds"], 2) if result["rc"] == 0 else None,
+                              val_loss=final_val_loss(run_dir))
+                rows.append(result)
+    return rows
+
+
+def check_resume(ctx: argparse.Namespace, work: Path) -> dict:
+    config, *model = (DRY_RUN_MODELS if ctx.dry_run else TRAIN_MODELS)["conv_ae"]
+    config = str(REPO / config)
+    common = [*model, *ctx.common, "schedule.name=constant"]
+    whole = ptft(["pretrain", config, *common, f"run.dir={work / 'whole'}", "--overwrite"], work)
+    half = ptft(["pretrain", config, *common, f"train.max_steps={ctx.steps // 2}", f"run.dir={work / 'split'}",
+                 "--overwrite"], work)
+    rest = ptft(["pretrain", config, *common, f"run.dir={work / 'split'}", "--resume"], work)
+    result = {"check": "resume", "rc": max(whole["rc"], half["rc"], rest["rc"]),
+              "seconds": round(whole["seconds"] + half["seconds"] + rest["seconds"], 2)}
+    if result["rc"] == 0:
+        from safetensors.torch import load_file
+
+        a = load_file(str(Path(whole["last"]) / "model.safetensors"))
+        b = load_file(str(Path(rest["last"]) / "model.safetensors"))
+        result["max_abs_diff"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        result["bitwise_equal"] = all(bool((a[k] == b[k]).all()) for k in a)
+    return result
+
+
+def check_evaluate_memory(ctx: argparse.Namespace, work: Path) -> dict:
+    """Evaluate a trained run in this process, reading the device's peak memory around it."""
+    import torch
+
+    from ptft.evaluation import evaluate
+
+    run_dir = work / "whole"
+    cuda = torch.cuda.is_available() and not ctx.dry_run
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        metrics = evaluate(str(run_dir), ctx.common_eval)
+        rc = 0
+    except Exception as exc:  # a failed check is a figure, not the end of the script
+        metrics, rc = {"error": f"{type(exc).__name__}: {exc}"[:300]}, 1
+    return {"check": "evaluate", "rc": rc, "seconds": round(time.perf_counter() - start, 2),
+            "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+            "psnr": metrics.get("psnr"), "error": metrics.get("error")}
+
+
+def check_torchrun(ctx: argparse.Namespace, work: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           "-m", "ptft", "pretrain", str(REPO / "configs" / "ae.yaml"), *ctx.common,
+                           f"run.dir={work / 'torchrun'}", "--overwrite"],
+                          capture_output=True, text=True, cwd=work, env=env, timeout=600)
+    return {"check": "torchrun", "rc": proc.returncode, "seconds": round(time.perf_counter() - start, 2),
+            "stderr_tail": proc.stderr[-600:] if proc.returncode else ""}
+
+
+def check_bench(ctx: argparse.Namespace, work: Path) -> dict:
+    out = work / "bench.json"
+    steps = ["--steps", "10", "--warmup", "1", "--block", "5", "--cli-repeats", "0", "--dataset", "digits",
+                        "--workloads", "mlp_autoencoder"] \
+        if ctx.dry_run else ["--steps", "200", "--data-root", ctx.data_root]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *steps, "--device", ctx.device,
+                           "--skip-lightning", "--json", str(out)], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    result = {"check": "bench", "rc": proc.returncode, "stderr_tail": proc.stderr[-600:] if proc.returncode else ""}
+    if proc.returncode == 0:
+        result["figures"] = json.loads(out.read_text())
+    return result
+
+
+def main(argv=None) -> int:
+    ctx = parse_args(argv)
+    ctx.device = "cpu" if ctx.dry_run else "cuda"
+    ctx.steps = 4 if ctx.dry_run else ctx.steps
+    data = ["data.name=digits"] if ctx.dry_run else ["data.name=mnist", f"data.root={ctx.data_root}"]
+    ctx.common = [*data, f"train.device={ctx.device}", "train.epochs=null", f"train.max_steps={ctx.steps}",
+                  f"train.eval_every_steps={ctx.steps}"]
+    ctx.common_eval = [f"train.device={ctx.device}"]
+    with tempfile.TemporaryDirectory(prefix="ptft-gpu-check-") as tmp:
+        work = Path(tmp)
+        rows = [check_bench(ctx, work), *check_train(ctx, work), check_resume(ctx, work),
+                check_evaluate_memory(ctx, work), check_torchrun(ctx, work)]
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dry_run": ctx.dry_run,
+              "python": platform.python_version(), "device": device_name(ctx.device), "checks": rows}
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    path = ctx.out / f"{dt.date.today().isoformat()}{'-dry-run' if ctx.dry_run else ''}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(rows)
+    print(path)
+    return 0 if all(row["rc"] == 0 for row in rows) else 1
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"cpu (torch {torch.__version__})"
+
+
+def print_table(rows: list[dict]) -> None:
+    for row in rows:
+        label = " ".join(str(row[k]) for k in ("check", "model", "precision") if k in row)
+        if "compile" in row:
+            label += " compile" if row["compile"] else " eager"
+        figures = {k: v for k, v in row.items()
+                   if k in ("seconds", "steps_per_s", "val_loss", "max_abs_diff", "bitwise_equal", "peak_device_mib")}
+        status = "ok" if row["rc"] == 0 else f"FAILED rc={row['rc']} {row.get('stderr_tail') or row.get('error', '')}"
+        print(f"{label:<34} {status:<6} {json.dumps(figures)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

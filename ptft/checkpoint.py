@@ -1,4 +1,4 @@
-"""Checkpoint directories: atomic writes, last/best pointers, pruning and safe loading.
+"""Checkpoint directories: atomic writes, last/best pointers, pruning, safe loading, the weights' keys.
 
     RUN_DIR/checkpoints/step-00000500/{model.safetensors, state.pt, meta.json}
     RUN_DIR/checkpoints/last, best      relative symlinks to step directories
@@ -9,58 +9,62 @@ any moment leaves last/best pointing at complete checkpoints, `best` never older
 `last`'s state knows of (a resume re-points it, see `point_best_at`), and leftovers are
 `.tmp-*` entries that the next save removes (unless their writer's pid is alive). Loading
 never unpickles arbitrary objects: weights go through safetensors, state through
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. Paths come from `ptft.rundir`, meta.json from `ptft.meta`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _safetensors_bytes
 
-import ptft
 from ptft.errors import CheckpointError
+from ptft.meta import CheckpointMeta, meta_json_bytes, read_meta_json
+from ptft.rundir import BEST, LAST, RunDir, is_checkpoints_dir, list_step_dirs, step_dir_name
 
-CHECKPOINT_FORMAT_VERSION = 1
-FORMAT_KEY = "format_version"
-CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE, META_FILE)
-LAST, BEST = "last", "best"
+# The objective's own weights (e.g. the contrastive projector) sit beside the model's under this prefix.
+OBJECTIVE_PREFIX = "objective."
 TMP_PREFIX = ".tmp-"
-STEP_DIR_PATTERN = re.compile(r"step-(\d{8,})")
 TMP_PID_PATTERN = re.compile(r"-(\d+)$")
 ACCEPTED_FORMS = "a step directory, a last/best pointer, a checkpoints/ directory or a run directory"
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
+def pack_weights(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: the model's keys, and the objective's under `objective.`."""
+    weights = dict(model.state_dict())
+    weights.update({OBJECTIVE_PREFIX + k: v for k, v in objective.state_dict().items()})
+    return weights
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict, meta: dict, *,
+def unpack_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Undo `pack_weights`: (the model's state dict, the objective's state dict)."""
+    model = {k: v for k, v in weights.items() if not k.startswith(OBJECTIVE_PREFIX)}
+    objective = {k[len(OBJECTIVE_PREFIX):]: v for k, v in weights.items() if k.startswith(OBJECTIVE_PREFIX)}
+    return model, objective
+
+
+def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], state: dict, meta: CheckpointMeta, *,
                     best: bool, keep_last: int, protect: Iterable[Path] = ()) -> Path:
     """Write `RUN_DIR/checkpoints/step-XXXXXXXX` atomically, move the pointers, prune old steps.
 
     Args:
         run_dir: the run directory; `checkpoints/` is created inside it.
-        step: the global step; names the directory (an existing one is replaced).
-        weights: model (and objective) tensors, on any device.
+        weights: model (and objective) tensors, on any device (`pack_weights`).
         state: optimizer, scheduler, RNG... state; must load with `weights_only=True`.
-        meta: JSON-serialisable facts; `step` and `format_version` are added.
+        meta: the checkpoint's facts; its `step` names the directory (an existing one is replaced).
         best: also point `best` at this checkpoint.
         keep_last: how many newest step directories pruning keeps (besides best and protected).
         protect: step directories pruning must never delete (e.g. the one a run resumed from).
@@ -72,16 +76,15 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     """
     tensors = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
                for name, t in weights.items()}
-    _check_finite(tensors, step)
+    _check_finite(tensors, meta.step)
     # Serialised in memory first, so every disk error surfaces as an OSError from one writer.
     files = {
         WEIGHTS_FILE: _safetensors_bytes(tensors, metadata={"format": "pt"}),
         STATE_FILE: _torch_bytes(state),
-        META_FILE: (json.dumps({**meta, "step": step, FORMAT_KEY: CHECKPOINT_FORMAT_VERSION},
-                               sort_keys=True, indent=2) + "\n").encode(),
+        META_FILE: meta_json_bytes(meta),
     }
-    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
-    final = ckpt_dir / step_dir_name(step)
+    run = RunDir(run_dir)
+    ckpt_dir, final = run.checkpoints, run.step_dir(meta.step)
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(ckpt_dir)
@@ -208,6 +211,7 @@ def point_best_at(ckpt_dir: Path, step: int | None) -> None:
     """
     if step is None:
         return
+    # Not RunDir(...).step_dir: ckpt_dir may be the store a symlinked checkpoints/ points to.
     target = Path(ckpt_dir) / step_dir_name(step)
     if target.is_dir() and os.path.realpath(Path(ckpt_dir) / BEST) != os.path.realpath(target):
         try:
@@ -218,7 +222,7 @@ def point_best_at(ckpt_dir: Path, step: int | None) -> None:
 
 
 def _prune(ckpt_dir: Path, keep_last: int, protect: Iterable[Path]) -> None:
-    steps = _step_dirs(ckpt_dir)
+    steps = list_step_dirs(ckpt_dir)
     keep = {p.resolve() for p in steps[-keep_last:]} if keep_last > 0 else set()
     keep |= {(ckpt_dir / name).resolve() for name in (LAST, BEST) if (ckpt_dir / name).exists()}
     keep |= {Path(p).resolve() for p in protect}
@@ -230,21 +234,24 @@ def _prune(ckpt_dir: Path, keep_last: int, protect: Iterable[Path]) -> None:
             shutil.rmtree(doomed)
 
 
-def _step_dirs(ckpt_dir: Path) -> list[Path]:
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), entry) for entry in ckpt_dir.iterdir()
-             if (m := STEP_DIR_PATTERN.fullmatch(entry.name)) and entry.is_dir() and not entry.is_symlink()]
-    return [entry for _, entry in sorted(found)]
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The run's step directories (absolute), oldest step first."""
-    return _step_dirs(Path(run_dir).absolute() / CHECKPOINTS_DIR)
+    return RunDir(run_dir).step_dirs()
 
 
 def run_has_checkpoints(run_dir: Path) -> bool:
-    return bool(list_checkpoints(run_dir))
+    return RunDir(run_dir).has_checkpoints()
+
+
+def is_ptft_checkpoint(path: Path | str) -> bool:
+    """Whether `path` names a ptft checkpoint (any form `resolve_checkpoint` takes), not a weights file.
+
+    ptft checkpoints are directories, reached directly or through a pointer; a dangling pointer
+    counts, so that resolving it says so. Anything else is a file of foreign weights. A directory
+    holding no checkpoint counts too: resolving it says what was expected.
+    """
+    path = Path(path)
+    return path.is_dir() or (path.is_symlink() and not path.exists())
 
 
 def resolve_checkpoint(path: Path | str) -> Path:
@@ -259,9 +266,9 @@ def resolve_checkpoint(path: Path | str) -> Path:
         raise CheckpointError(f"checkpoint pointer {path} is dangling: its target {os.readlink(path)} does not exist")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist (expected {ACCEPTED_FORMS})")
-    if (path / CHECKPOINTS_DIR).is_dir():
-        return _follow_pointers(path / CHECKPOINTS_DIR)
-    if path.name == CHECKPOINTS_DIR or any((path / name).is_symlink() for name in (LAST, BEST)):
+    if RunDir(path).checkpoints.is_dir():
+        return _follow_pointers(RunDir(path).checkpoints)
+    if is_checkpoints_dir(path):
         return _follow_pointers(path)
     return _complete_step_dir(path)
 
@@ -289,26 +296,18 @@ def _complete_step_dir(path: Path) -> Path:
 
 
 def _open_checkpoint(ckpt: Path | str) -> tuple[Path, dict]:
-    """(step dir, meta) after checking this ptft can read the checkpoint's format."""
+    """(step dir, meta.json's JSON) after checking this ptft can read the checkpoint's format."""
     step_dir = resolve_checkpoint(ckpt)
-    path = step_dir / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc})") from None
-    version = meta.get(FORMAT_KEY) if isinstance(meta, dict) else None
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: no integer '{FORMAT_KEY}' (expected the meta.json of a ptft checkpoint)")
-    if version > CHECKPOINT_FORMAT_VERSION:
-        writer = (meta.get("versions") or {}).get("ptft")
-        needed = f"ptft >= {writer}" if writer else f"a ptft that reads checkpoint format {version}"
-        raise CheckpointError(f"checkpoint {step_dir} has format {version}, newer than this ptft "
-                              f"({ptft.__version__}) reads (<= {CHECKPOINT_FORMAT_VERSION}); it needs {needed}")
-    return step_dir, meta
+    return step_dir, read_meta_json(step_dir / META_FILE)
+
+
+def load_meta(ckpt: Path | str) -> CheckpointMeta:
+    """The checkpoint's meta.json as a record (any form `resolve_checkpoint` accepts)."""
+    return CheckpointMeta.from_json(_open_checkpoint(ckpt)[1])
 
 
 def read_meta(ckpt: Path | str) -> dict:
-    """The checkpoint's meta.json (any form `resolve_checkpoint` accepts)."""
+    """The checkpoint's meta.json as plain JSON, for tools that pass it on; ptft reads `load_meta`."""
     return _open_checkpoint(ckpt)[1]
 
 
@@ -371,37 +370,3 @@ def file_sha256(path: Path) -> str:
 def checkpoint_hash(ckpt: Path | str) -> str:
     """sha256 of the checkpoint's model.safetensors: what lineage records."""
     return file_sha256(resolve_checkpoint(ckpt) / WEIGHTS_FILE)
-
-
-def capture_rng_state(device: torch.device | str = "cpu") -> dict:
-    """Global RNG states of torch (CPU and the training device's CUDA), python `random` and numpy.
-
-    Held as tensors, lists and numbers only, so state.pt loads with `weights_only=True`.
-    Only the training device's CUDA generator (`cuda:N` is not the current device), and only
-    once CUDA is in use: touching every GPU from every DDP rank would create a context (and
-    waste memory) on each of them.
-    """
-    device = torch.device(device)
-    uses_cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized()
-    version, internal, gauss_next = random.getstate()
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # keys: (624,) uint32
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state(device)] if uses_cuda else [],
-        "python": [version, list(internal), gauss_next],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-    }
-
-
-def restore_rng_state(state: dict, device: torch.device | str = "cpu") -> None:
-    """Undo `capture_rng_state`; the CUDA state goes to the training `device`."""
-    device = torch.device(device)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"][0], device)
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    saved = state["numpy"]
-    np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
-                         saved["has_gauss"], saved["cached_gaussian"]))

@@ -124,6 +124,89 @@ def inspect(target: Path = typer.Argument(..., help="A checkpoint directory or a
     inspect_target(target, as_json=as_json)
 
 
+TargetArg = typer.Argument(..., help="A run directory, a checkpoint directory or a config file (its run.dir).",
+                           show_default=False)
+InputsArg = typer.Argument(None, help="Image files, folders (searched at any depth, sorted), globs, or '-' for "
+                           "paths on stdin.", show_default=False)
+InputSplitOpt = typer.Option(None, "--split", help="Use the run's own test or val split instead of INPUT.")
+BatchSizeOpt = typer.Option(256, "--batch-size", min=1, help="Images per batch (and per decoding chunk).")
+WorkersOpt = typer.Option(None, "--workers", min=0, help="Decoding processes; 0 decodes in this one "
+                          "[default: one per core (at most 8) once the first batch shows decoding is slow enough "
+                          "to repay starting them].", show_default=False)
+
+
+@_command(name="predict", epilog="Example: ptft predict runs/finetune photos/ --top-k 3 > predictions.jsonl")
+def predict_command(
+    target: str = TargetArg,
+    inputs: Optional[list[str]] = InputsArg,
+    split: Optional[str] = InputSplitOpt,
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes listed per input, most probable first."),
+    fmt: str = typer.Option("jsonl", "--format", help="Records as jsonl or csv."),
+    batch_size: int = BatchSizeOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the records here (complete or absent) instead "
+                                       "of stdout."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first input that cannot be read."),
+    save_images: Optional[Path] = typer.Option(None, "--save-images", help="Autoencoder: save each "
+                                               "reconstruction as a PNG in this folder."),
+    workers: Optional[int] = WorkersOpt,
+) -> None:
+    """Classify (or reconstruct) each input with a trained model; one record per input, in input order."""
+    from ptft.inference.predict import PredictOptions, predict
+
+    failed = predict(target, inputs or [], PredictOptions(top_k=top_k, fmt=fmt, batch_size=batch_size, out=out,
+                                                          split=split, strict=strict, save_images=save_images,
+                                                          workers=workers))
+    if failed:
+        raise UserError(f"predict: {failed} input(s) could not be read (see their records' 'error' field)")
+
+
+@_command(name="embed", epilog="Example: ptft embed runs/ae photos/ --out features.safetensors --dtype float16")
+def embed_command(
+    target: str = TargetArg,
+    inputs: Optional[list[str]] = InputsArg,
+    out: Path = typer.Option(..., "--out", help="A .safetensors file (features, labels; paths in its metadata) or "
+                             ".npy (features; paths and labels in a .json beside it).", show_default=False),
+    split: Optional[str] = InputSplitOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="Features as float32 or float16."),
+    batch_size: int = BatchSizeOpt,
+    workers: Optional[int] = WorkersOpt,
+) -> None:
+    """Write the encoder's features of each input (pretrained or finetuned checkpoint); print the file."""
+    from ptft.inference.embed import embed
+
+    failed = embed(target, inputs or [], out=out, split=split, dtype=dtype, batch_size=batch_size, workers=workers)
+    print(out, flush=True)
+    if failed:
+        raise UserError(f"embed: {failed} input(s) could not be read and have no row (listed under 'errors' "
+                        f"in {out})")
+
+
+@_command(name="export", epilog="Example: ptft export runs/finetune --format onnx --out model.onnx")
+def export_command(
+    target: str = TargetArg,
+    fmt: str = typer.Option(..., "--format", help="onnx, torchscript or pt2 (torch.export).", show_default=False),
+    out: Path = typer.Option(..., "--out", help="The exported file; its preprocessing goes to FILE.json.",
+                             show_default=False),
+) -> None:
+    """Export the model with a dynamic batch dimension, check it against PyTorch; print the file."""
+    from ptft.inference.export import export
+
+    print(export(target, fmt=fmt, out=out), flush=True)
+
+
+@_command(name="report", epilog="Example: ptft report runs/ae runs/finetune --out report.html --png curves.png")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories (run.dir of pretrain/finetune); several "
+                                          "runs are overlaid and compared with the first.", show_default=False),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML page (self-contained: images inlined)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the curves as a PNG (for terminals)."),
+) -> None:
+    """Write one HTML page of runs: lineage, config (diffs), curves, best step, evaluation; print the file."""
+    from ptft.run_report import write_report
+
+    print(write_report(run_dirs, out=out, png=png), flush=True)
+
+
 def _report_user_error(exc: UserError) -> int:
     if os.environ.get("PTFT_DEBUG"):
         traceback.print_exc()

@@ -1,4 +1,4 @@
-"""The same commands under torchrun: process group, DDP wrapping, batch sharding, rank-0 writes.
+"""The same commands under torchrun: process group, DDP wrapping, rank-0 writes.
 
 Without torchrun's environment every function here is the single-process identity, so the
 rest of ptft calls them unconditionally and never branches on whether it is distributed.
@@ -17,7 +17,6 @@ import os
 import torch
 import torch.distributed as tdist
 
-from ptft.data.batches import DeviceBatches, to_float
 from ptft.errors import UserError
 
 # Stands for "no step" in `earliest`: larger than any step a run takes.
@@ -98,34 +97,6 @@ def check_global_batch(batch_size: int, examples: int) -> None:
         whole = f" (the whole training split of {examples} examples)" if batch < batch_size else ""
         raise UserError(f"data.batch_size: the global batch of {batch} examples{whole} does not split evenly "
                         f"over {world_size()} processes; use a multiple of {world_size()}")
-
-
-class ShardedBatches:
-    """This rank's slice of each global batch: the same seeded permutation on every rank.
-
-    Rank r takes positions [r * b, (r + 1) * b) of the global batch, b = batch_size / world,
-    so the ranks together see exactly the batch a single process would.
-    """
-
-    def __init__(self, batches: DeviceBatches, rank_: int, world: int):
-        if batches.batch_size % world:
-            raise ValueError(f"global batch {batches.batch_size} does not split over {world} processes")
-        self._batches = batches
-        self._offset = rank_ * (batches.batch_size // world)
-        self.local_batch_size = batches.batch_size // world
-        self.steps_per_epoch = batches.steps_per_epoch
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of this rank at global step `step`: x (b, C, H, W) float32 in [0, 1], y (b,)."""
-        source = self._batches
-        epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * source.batch_size + self._offset
-        index = source.permutation(epoch)[start:start + self.local_batch_size]
-        return to_float(source.x[index]), source.y[index]
-
-
-def shard_batches(batches: DeviceBatches):
-    return ShardedBatches(batches, rank(), world_size()) if is_distributed() else batches
 
 
 def wrap(module: torch.nn.Module, device: torch.device, *, find_unused: bool) -> torch.nn.Module:

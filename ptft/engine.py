@@ -10,33 +10,39 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ptft import checkpoint as ckpt
 from ptft import distributed as dist
-from ptft.data.batches import DeviceBatches, iterate_eval
-from ptft.errors import NonFiniteLossError, TrainingInterrupted, UserError
-from ptft.finetuning import apply_freeze, frozen_patterns, keep_frozen_norms_in_eval
 from ptft.console import MetricsLog, progress_bar
+from ptft.data.batches import Batches, iterate_eval
+from ptft.data.tensors import TensorSplit
+from ptft.errors import NonFiniteLossError, TrainingInterrupted, UserError
+from ptft.finetuning import FreezeSchedule, apply_freeze, keep_frozen_norms_in_eval
+from ptft.meta import CheckpointMeta
+from ptft.rng import capture_rng_state, restore_rng_state
+from ptft.rundir import RunDir
 from ptft.runtime import InterruptFlag, autocast
 
 
 @dataclass
 class TrainParts:
-    """Everything the loop trains and reads; built by a stage."""
+    """Everything the loop trains and reads; built by `ptft.assembly.build_train_parts`."""
 
     model: torch.nn.Module
     objective: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    batches: DeviceBatches
-    val: object  # TensorSplit with .x, .y on the device
+    batches: Batches  # this rank's training batches
+    val: TensorSplit  # on the device
     device: torch.device
     step_module: torch.nn.Module  # what the loop calls: TrainStep, maybe DDP-wrapped
+    knn: Callable[..., dict[str, float]] | None = None  # ptft.knn_monitor.KnnMonitor: adds val/knn_acc
 
 
 @dataclass
@@ -81,6 +87,7 @@ class LoopSettings:
     """The loop's schedule, resolved from `train` and `checkpoint` config sections."""
 
     total_steps: int
+    steps_per_epoch: int  # optimizer steps: batches of an epoch // accumulate, at least 1
     eval_every: int
     log_every: int
     save_every: int | None
@@ -90,7 +97,7 @@ class LoopSettings:
     keep_last: int
     seed: int
     eval_batch_size: int
-    finetune_cfg: object | None = None
+    freeze: FreezeSchedule | None = None  # finetuning's; None: the loop leaves requires_grad alone
 
 
 @dataclass
@@ -99,7 +106,14 @@ class FitResult:
     last: Path | None
     best: Path | None
     stopped_early: bool = False
-    final_metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumed from: `fit` starts at its step and pruning keeps it."""
+
+    step: int
+    checkpoint: Path
 
 
 class TrainStep(torch.nn.Module):
@@ -171,13 +185,6 @@ class StepRandomness:
         return self.generator
 
 
-def run_weights(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What model.safetensors holds: the model's keys, and the objective's under `objective.`."""
-    weights = dict(model.state_dict())
-    weights.update({f"objective.{k}": v for k, v in objective.state_dict().items()})
-    return weights
-
-
 @torch.inference_mode()
 def evaluate_objective(parts: TrainParts, split, settings: LoopSettings) -> dict[str, float]:
     """Mean objective loss (and its logs) over a split, with a fixed noise seed.
@@ -198,7 +205,10 @@ def evaluate_objective(parts: TrainParts, split, settings: LoopSettings) -> dict
         for key, value in {"loss": loss, **logs}.items():
             totals[key] = totals.get(key, 0) + value.detach().float() * len(x)
         count += len(x)
-    return {f"val/{k}": (v / count).item() for k, v in totals.items()}
+    metrics = {f"val/{k}": (v / count).item() for k, v in totals.items()}
+    if getattr(parts, "knn", None) is not None:
+        metrics.update(parts.knn(parts.model, split, settings.eval_batch_size))
+    return metrics
 
 
 def _train_mode(parts: TrainParts) -> None:
@@ -206,8 +216,10 @@ def _train_mode(parts: TrainParts) -> None:
     keep_frozen_norms_in_eval(parts.model)
 
 
-def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int, rng: StepRandomness) -> torch.Tensor:
-    """One optimizer step over `accumulate` micro-batches; returns the mean loss (on device)."""
+def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int,
+                    rng: StepRandomness) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step over `accumulate` micro-batches; returns the mean loss and the last
+    micro-batch's logs (on device)."""
     losses = []
     for micro in range(settings.accumulate):
         x, y = parts.batches.batch(step * settings.accumulate + micro)
@@ -216,7 +228,7 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int, rng: S
         generator = rng.reseed(step, micro)
         with dist.sync_gradients(parts.step_module, sync=micro == settings.accumulate - 1):
             with autocast(settings.precision, parts.device):
-                loss, _ = parts.step_module(x, y, generator)
+                loss, logs = parts.step_module(x, y, generator)
             # Without accumulation the division is one more kernel per step, and x / 1 == x.
             parts.scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
         losses.append(loss.detach().float())
@@ -228,15 +240,17 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int, rng: S
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()
-    return losses[0] if settings.accumulate == 1 else sum(losses) / settings.accumulate
+    return (losses[0] if settings.accumulate == 1 else sum(losses) / settings.accumulate), logs
 
 
 class _Loop:
     """State of one `fit` call; split out so each piece of the loop reads on its own."""
 
-    def __init__(self, parts, settings, run_dir, tracker, meta_base, log, protect):
+    def __init__(self, parts, settings, run_dir, tracker, meta_base, resumed):
         self.parts, self.settings, self.run_dir = parts, settings, Path(run_dir)
-        self.tracker, self.meta_base, self.log, self.protect = tracker, meta_base, log, protect
+        self.tracker, self.meta_base = tracker, meta_base
+        self.protect = (resumed.checkpoint,) if resumed else ()  # pruning keeps the checkpoint resumed from
+        self.log = MetricsLog(RunDir(run_dir).metrics, resume_step=resumed.step if resumed else None)
         # Losses of the steps since the last log record (the first at `window_start`), kept on the
         # device so no step forces a sync, and checked for NaN/inf when read (each record and save).
         # A record comes at least every `log_every` steps, so that many slots suffice.
@@ -250,6 +264,38 @@ class _Loop:
         self.last_saved: Path | None = None
         self.last_saved_step = -1
         self.frozen: tuple[str, ...] | None = None
+        # The objective's `train_logs` (semi-supervised: mask_rate, unsup_loss) of the latest step,
+        # on the device until a record reads them.
+        self.train_logs: dict[str, torch.Tensor] = {}
+
+    def train_step(self, step: int) -> None:
+        """Optimizer step `step` (0-based), in train mode with the layers frozen at that step."""
+        self.refresh_freeze(step)
+        self.ensure_train_mode()
+        loss, logs = _optimizer_step(self.parts, self.settings, step, self.rng)
+        self.note_loss(loss, step)
+        self.train_logs = {key: logs[key] for key in getattr(self.parts.objective, "train_logs", ()) if key in logs}
+
+    def log_and_validate(self, step: int, epoch: float, bar) -> tuple[dict[str, float] | None, bool]:
+        """Step `step`'s metrics.jsonl record and validation, when due.
+
+        Returns:
+            The validation metrics (None when `step` does not validate), and whether they are the best so far.
+        """
+        settings = self.settings
+        record = self.log_train(step, epoch) if step % settings.log_every == 0 else None
+        metrics, improved = None, False
+        if step % settings.eval_every == 0 or step == settings.total_steps:
+            # Rank 0's figures (its weights and buffers are the ones saved) for every rank,
+            # so best/early-stop decisions agree; equal to a single process's figures.
+            metrics = dist.on_writer(evaluate_objective, self.parts, self.parts.val, settings)
+            self.train_mode_stale = True  # evaluation left every module in eval mode
+            improved = self.tracker.update(metrics, step)
+            record = {**(record or self.log_train(step, epoch)), **metrics}
+        if record is not None:
+            self.log.write(record)
+            bar.show(record)
+        return metrics, improved
 
     def note_loss(self, loss: torch.Tensor, step: int) -> None:
         if self.loss_count == 0:
@@ -277,9 +323,9 @@ class _Loop:
             )
 
     def refresh_freeze(self, step: int) -> None:
-        if self.settings.finetune_cfg is None:
+        if self.settings.freeze is None:
             return
-        patterns = tuple(frozen_patterns(self.settings.finetune_cfg, step))
+        patterns = self.settings.freeze.frozen_at(step)
         if patterns != self.frozen:
             apply_freeze(self.parts.model, patterns)
             self.frozen = patterns
@@ -291,6 +337,7 @@ class _Loop:
         if self.loss_count:
             # Each rank's mean over its slice; their average is the global batch's mean.
             record["train/loss"] = dist.average(self.losses[:self.loss_count].mean()).item()
+            record.update({f"train/{key}": dist.average(value.float()).item() for key, value in self.train_logs.items()})
         self.loss_count = 0
         return record
 
@@ -302,6 +349,11 @@ class _Loop:
         self.last_saved, self.last_saved_step = path, step
         return path
 
+    def save_unless_saved(self, step: int, epoch: float, metrics: dict) -> None:
+        """A checkpoint of `step` before the loop ends early, unless its schedule saved one."""
+        if self.last_saved_step != step:
+            self.save(step, epoch, metrics, best=False)
+
     def _write(self, step: int, epoch: float, metrics: dict, best: bool) -> Path:
         parts = self.parts
         state = {
@@ -309,76 +361,63 @@ class _Loop:
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
             "scaler": parts.scaler.state_dict(),
-            "rng": ckpt.capture_rng_state(parts.device),
+            "rng": capture_rng_state(parts.device),
             "tracker": self.tracker.state_dict(),
             "data": {"seed": self.settings.seed, "position": step * self.settings.accumulate,
                      "steps_per_epoch": parts.batches.steps_per_epoch},
         }
-        meta = {**self.meta_base, "step": step, "epoch": round(epoch, 4), "metrics": metrics,
-                "best": {"monitor": self.tracker.monitor, "value": self.tracker.best, "step": self.tracker.best_step}}
-        return ckpt.save_checkpoint(self.run_dir, step, run_weights(parts.model, parts.objective), state, meta,
+        tracker = self.tracker
+        meta = self.meta_base.at(step=step, epoch=epoch, metrics=metrics,
+                                 best={"monitor": tracker.monitor, "value": tracker.best, "step": tracker.best_step})
+        return ckpt.save_checkpoint(self.run_dir, ckpt.pack_weights(parts.model, parts.objective), state, meta,
                                     best=best, keep_last=self.settings.keep_last, protect=self.protect)
 
 
-def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, start_step: int, tracker: BestTracker,
-        meta_base: dict, log: MetricsLog | None, protect: tuple[Path, ...] = ()) -> FitResult:
-    """Train from `start_step` to `settings.total_steps`, validating and checkpointing on schedule.
+def _save_due(settings: LoopSettings, step: int, evaluated: bool) -> bool:
+    """Whether `step` saves on schedule: after each validation unless every N steps, and at the end."""
+    periodic = settings.save_every is not None and step % settings.save_every == 0
+    return (evaluated and settings.save_every is None) or periodic or step == settings.total_steps
+
+
+def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, tracker: BestTracker, meta_base: CheckpointMeta,
+        resumed: ResumePoint | None = None) -> FitResult:
+    """Train to `settings.total_steps`, validating, logging and checkpointing on schedule.
 
     Args:
         parts: model, objective, optimizer, scheduler, scaler, batches and validation split.
         settings: step counts and loop options.
-        run_dir: where checkpoints go (written by rank 0 only under torchrun).
-        start_step: 0 for a new run, the checkpoint's step when resuming.
+        run_dir: where checkpoints and metrics.jsonl go (written by rank 0 only under torchrun).
         tracker: best-metric / early-stopping state (restored when resuming).
         meta_base: facts every checkpoint's meta.json carries (config hash, lineage, ...).
-        log: metrics.jsonl writer, or None on non-writing ranks.
-        protect: checkpoints pruning must keep (the one a run resumed from).
+        resumed: the checkpoint a resumed run starts from (its state already restored), None for a new run.
     Returns:
         FitResult with the final step and the last / best checkpoint paths.
     Raises:
         NonFiniteLossError: a loss was NaN or infinite.
         TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint of the current step was saved.
     """
-    loop = _Loop(parts, settings, run_dir, tracker, meta_base, log, protect)
-    steps_per_epoch = max(1, parts.batches.steps_per_epoch // settings.accumulate)
-    step, stopped_early, metrics = start_step, False, {}
-    with InterruptFlag() as interrupt, progress_bar(settings.total_steps, start_step, enabled=dist.is_writer()) as bar:
+    loop = _Loop(parts, settings, run_dir, tracker, meta_base, resumed)
+    step, stopped_early = resumed.step if resumed else 0, False
+    with InterruptFlag() as interrupt, progress_bar(settings.total_steps, step) as bar:
         while step < settings.total_steps:
-            loop.refresh_freeze(step)
-            loop.ensure_train_mode()
-            loop.note_loss(_optimizer_step(parts, settings, step, loop.rng), step)
+            loop.train_step(step)
             step += 1
-            epoch = step / steps_per_epoch
-            record = loop.log_train(step, epoch) if step % settings.log_every == 0 else None
-            evaluated = step % settings.eval_every == 0 or step == settings.total_steps
-            improved = False
-            if evaluated:
-                # Rank 0's figures (its weights and buffers are the ones saved) for every rank,
-                # so best/early-stop decisions agree; equal to a single process's figures.
-                metrics = dist.on_writer(evaluate_objective, parts, parts.val, settings)
-                loop.train_mode_stale = True
-                improved = tracker.update(metrics, step)
-                record = {**(record or loop.log_train(step, epoch)), **metrics}
-            if record is not None and log is not None:
-                log.write(record)
-                bar.show(record)
-            periodic = settings.save_every is not None and step % settings.save_every == 0
-            if improved or (evaluated and settings.save_every is None) or periodic or step == settings.total_steps:
-                loop.save(step, epoch, metrics if evaluated else {}, best=improved)
+            epoch = step / settings.steps_per_epoch
+            metrics, improved = loop.log_and_validate(step, epoch, bar)
+            if improved or _save_due(settings, step, evaluated=metrics is not None):
+                loop.save(step, epoch, metrics or {}, best=improved)
             bar.advance(step)
             if dist.any_rank(interrupt.raised):
-                if loop.last_saved_step != step:
-                    loop.save(step, epoch, {}, best=False)
+                loop.save_unless_saved(step, epoch, {})
                 raise TrainingInterrupted(str(loop.last_saved) if loop.last_saved else None)
-            if evaluated and dist.any_rank(tracker.should_stop):
+            if metrics is not None and dist.any_rank(tracker.should_stop):
                 stopped_early = True
-                if loop.last_saved_step != step:
-                    loop.save(step, epoch, metrics, best=False)
+                loop.save_unless_saved(step, epoch, metrics)
                 break
     loop.check_finite()
-    best = run_dir / "checkpoints" / "best"
+    best = RunDir(run_dir).best
     return FitResult(step=step, last=loop.last_saved, best=best.resolve() if best.exists() else None,
-                     stopped_early=stopped_early, final_metrics=metrics)
+                     stopped_early=stopped_early)
 
 
 def restore_training_state(parts: TrainParts, tracker: BestTracker, state: dict) -> int:
@@ -387,6 +426,6 @@ def restore_training_state(parts: TrainParts, tracker: BestTracker, state: dict)
     parts.scheduler.load_state_dict(state["scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
     tracker.load_state_dict(state["tracker"])
-    ckpt.restore_rng_state(state["rng"], parts.device)
+    restore_rng_state(state["rng"], parts.device)
     return int(state["step"])
 

@@ -6,7 +6,6 @@ checkpoint (plus optional overrides such as `data.root=...`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -14,15 +13,18 @@ import torch
 from ptft import checkpoint as ckpt
 from ptft import distributed as dist
 from ptft import report
+from ptft.assembly import build_model_for
 from ptft.config import Config, config_from_dict, load_config
 from ptft.console import note
 from ptft.data import build_data
 from ptft.data.batches import iterate_eval
 from ptft.data.fingerprint import val_overlap_problem
+from ptft.data.normalize import recorded_normalization
 from ptft.errors import UserError
+from ptft.meta import CheckpointMeta
 from ptft.models import MODELS
+from ptft.rundir import RunDir
 from ptft.runtime import configure_backend, resolve_device
-from ptft.stages import build_model
 
 
 def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Path]:
@@ -47,24 +49,9 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Pat
         raise UserError(
             f"evaluate: '{target}' is neither a config file, a run directory with checkpoints, nor a checkpoint directory"
         ) from None
-    meta = ckpt.read_meta(checkpoint)
-    cfg = config_from_dict(meta["config"], f"{checkpoint}/meta.json", overrides, trusted_imports=trusted)
-    return checkpoint, cfg, _run_dir_of(path)
-
-
-def _run_dir_of(path: Path) -> Path:
-    """The run directory of a target as the user wrote it: RUN, RUN/checkpoints or RUN/checkpoints/<step|pointer>.
-
-    Read from the path, not from where its symlinks lead: a run whose checkpoints/ links to a
-    shared scratch volume keeps its eval/ at home, not beside every other run's checkpoints.
-    A step directory outside any run gets its eval/ beside it.
-    """
-    path = Path(os.path.abspath(path))  # `..` collapsed as written, symlinks kept
-    if (path / ckpt.CHECKPOINTS_DIR).is_dir():
-        return path
-    if path.name == ckpt.CHECKPOINTS_DIR or any((path / name).is_symlink() for name in (ckpt.LAST, ckpt.BEST)):
-        return path.parent
-    return path.parent.parent if path.parent.name == ckpt.CHECKPOINTS_DIR else path.parent
+    meta = ckpt.load_meta(checkpoint)
+    cfg = config_from_dict(meta.config, f"{checkpoint / ckpt.META_FILE}", overrides, trusted_imports=trusted)
+    return checkpoint, cfg, RunDir.of_target(path).root
 
 
 @torch.inference_mode()
@@ -105,8 +92,8 @@ def _encoder_metrics(model, split, data, batch_size: int, seed: int, out_dir: Pa
     return metrics
 
 
-def _say_if_split_changed(meta: dict, fingerprint: dict) -> None:
-    problem = val_overlap_problem(meta.get("data"), fingerprint)
+def _say_if_split_changed(meta: CheckpointMeta, fingerprint: dict) -> None:
+    problem = val_overlap_problem(meta.data, fingerprint)
     if problem is not None:  # the checkpoint evaluated is the "parent" here
         note(f"note: the data overrides change the validation split the checkpoint was trained with; {problem}")
 
@@ -127,19 +114,20 @@ def evaluate(target: str, overrides: list[str], *, split: str = "test", out: Pat
 
 def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_spec: str, split: str,
                          out: Path | None) -> dict:
-    meta = ckpt.read_meta(checkpoint)
+    meta = ckpt.load_meta(checkpoint)
     device = resolve_device(device_spec)
     configure_backend(device)
     data = build_data(cfg.data, device)
     _say_if_split_changed(meta, data.fingerprint)
-    model = build_model(cfg, data.input_shape, data.num_classes)
-    weights = {k: v for k, v in ckpt.load_weights(checkpoint).items() if not k.startswith("objective.")}
+    data.normalization = recorded_normalization(meta)  # the numbers the model was trained with, whatever the config says now
+    model = build_model_for(cfg, data)
+    weights, _ = ckpt.unpack_weights(ckpt.load_weights(checkpoint))  # the objective's are training-only
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise UserError(f"evaluate: checkpoint {checkpoint} does not fit model {cfg.model.name!r}: {exc}") from None
     model.to(device).eval()
-    out_file = Path(out) if out else run_dir / "eval" / split / "metrics.json"
+    out_file = Path(out) if out else RunDir(run_dir).eval_metrics(split)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     chosen = data.test if split == "test" else data.val
     kind = MODELS.meta(cfg.model.name).get("kind")
@@ -148,9 +136,8 @@ def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_sp
         metrics = _classifier_metrics(model, chosen, data, batch_size, out_file.parent)
     else:
         metrics = _encoder_metrics(model, chosen, data, batch_size, cfg.run.seed, out_file.parent)
-    metrics.update(split=split, checkpoint=str(checkpoint), step=meta.get("step"), stage=meta.get("stage"),
-                   model=cfg.model.name, dataset=cfg.data.name, config_hash=meta.get("config_hash"),
-                   lineage=meta.get("lineage", []))
+    metrics.update(split=split, checkpoint=str(checkpoint), step=meta.step, stage=meta.stage,
+                   model=cfg.model.name, dataset=cfg.data.name, config_hash=meta.config_hash, lineage=meta.lineage)
     report.write_metrics_json(metrics, out_file)
     note(f"evaluated {checkpoint} on {cfg.data.name}/{split}: metrics in {out_file}")
     return metrics

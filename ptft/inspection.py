@@ -43,14 +43,14 @@ def print_registries() -> None:
 def _checkpoint_facts(path: Path) -> dict:
     from ptft import checkpoint as ckpt
 
-    meta = ckpt.read_meta(path)
+    meta = ckpt.load_meta(path)
     return {
-        "checkpoint": str(path), "step": meta.get("step"), "epoch": meta.get("epoch"), "stage": meta.get("stage"),
-        "metrics": meta.get("metrics", {}), "best": meta.get("best"), "config_hash": meta.get("config_hash"),
-        "model": meta.get("model"), "objective": meta.get("objective"), "data": meta.get("data"),
-        "versions": meta.get("versions"), "hash": ckpt.checkpoint_hash(path),
-        "parent": {k: v for k, v in (meta.get("parent") or {}).items() if k != "report"} or None,
-        "lineage": meta.get("lineage", []),
+        "checkpoint": str(path), "step": meta.step, "epoch": meta.epoch, "stage": meta.stage,
+        "metrics": meta.metrics, "best": meta.best, "config_hash": meta.config_hash,
+        "model": meta.model, "objective": meta.objective, "data": meta.data,
+        "versions": meta.versions, "hash": ckpt.checkpoint_hash(path),
+        "parent": {k: v for k, v in (meta.parent or {}).items() if k != "report"} or None,
+        "lineage": meta.lineage,
     }
 
 
@@ -61,13 +61,14 @@ def inspect_target(target: Path, *, as_json: bool = False) -> dict:
         UserError: the target is neither a run directory nor a checkpoint.
     """
     from ptft import checkpoint as ckpt
+    from ptft.rundir import RunDir
 
-    target = Path(target)
-    if target.is_dir() and (target / "checkpoints").is_dir():
-        facts = {"run": str(target), "checkpoints": [_checkpoint_facts(p) for p in ckpt.list_checkpoints(target)],
-                 "last": _pointer(target, "last"), "best": _pointer(target, "best")}
+    run = RunDir(target)
+    if run.root.is_dir() and run.checkpoints.is_dir():
+        facts = {"run": str(run.root), "checkpoints": [_checkpoint_facts(p) for p in run.step_dirs()],
+                 "last": _pointer(run.last), "best": _pointer(run.best)}
     else:
-        facts = _checkpoint_facts(ckpt.resolve_checkpoint(target))
+        facts = _checkpoint_facts(ckpt.resolve_checkpoint(run.root))
     if as_json:
         print(json.dumps(facts, sort_keys=True))
     else:
@@ -75,8 +76,7 @@ def inspect_target(target: Path, *, as_json: bool = False) -> dict:
     return facts
 
 
-def _pointer(run_dir: Path, name: str) -> str | None:
-    pointer = run_dir / "checkpoints" / name
+def _pointer(pointer: Path) -> str | None:
     return str(pointer.resolve()) if pointer.exists() else None
 
 

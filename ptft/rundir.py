@@ -1,14 +1,22 @@
-"""The run directory: one run at a time, refusing to clobber a run, resume compatibility, the saved config."""
+"""The run directory: where each file of a run lives, and getting a directory ready for a run.
+
+    RUN_DIR/config.yaml  metrics.jsonl  .lock  checkpoints/{step-XXXXXXXX/, last, best}  eval/<split>/metrics.json
+
+`RunDir` is the only place that spells these names; everything else asks it for paths. The path
+part imports nothing of ptft's checkpoint code (checkpoint.py builds its paths from it); the
+preparation helpers below that need checkpoints import checkpoint.py inside their body.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from ptft import checkpoint as ckpt
 from ptft.config import Config, config_diff, config_to_yaml, load_config
 from ptft.errors import RunDirError, UserError
 from ptft.optim import SCHEDULES
@@ -21,8 +29,101 @@ except ImportError:  # Windows: no flock; runs there go unlocked
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
-# What `--overwrite` clears; config.yaml is rewritten by the new run.
-RUN_OUTPUTS = (ckpt.CHECKPOINTS_DIR, "eval")
+CHECKPOINTS_DIR = "checkpoints"
+EVAL_DIR = "eval"
+EVAL_METRICS_FILE = "metrics.json"
+LAST, BEST = "last", "best"
+STEP_DIR_PATTERN = re.compile(r"step-(\d{8,})")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory; computing them touches no file."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))  # RunDir("runs/x") works too
+
+    @classmethod
+    def at(cls, path: Path | str) -> RunDir:
+        return cls(Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """What `--overwrite` clears; config.yaml is rewritten by the new run."""
+        return self.checkpoints, self.root / EVAL_DIR, self.metrics
+
+    def eval_metrics(self, split: str) -> Path:
+        return self.root / EVAL_DIR / split / EVAL_METRICS_FILE
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / step_dir_name(step)
+
+    def step_dirs(self) -> list[Path]:
+        """The run's step directories (absolute), oldest step first."""
+        return list_step_dirs(self.root.absolute() / CHECKPOINTS_DIR)
+
+    def has_checkpoints(self) -> bool:
+        return bool(self.step_dirs())
+
+    @classmethod
+    def of_target(cls, path: Path | str) -> RunDir:
+        """The run of a target as the user wrote it: RUN, RUN/checkpoints or RUN/checkpoints/<step|pointer>.
+
+        Read from the path, not from where its symlinks lead: a run whose checkpoints/ links to a
+        shared scratch volume keeps its eval/ at home, not beside every other run's checkpoints.
+        A step directory outside any run gets its eval/ beside it.
+        """
+        path = Path(os.path.abspath(path))  # `..` collapsed as written, symlinks kept
+        if cls(path).checkpoints.is_dir():
+            return cls(path)
+        if is_checkpoints_dir(path):
+            return cls(path.parent)
+        return cls(path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent)
+
+
+def is_checkpoints_dir(path: Path) -> bool:
+    """Whether `path` is a run's checkpoints/ directory (by name, or by holding a last/best pointer)."""
+    return path.name == CHECKPOINTS_DIR or any((path / name).is_symlink() for name in (LAST, BEST))
+
+
+def list_step_dirs(ckpt_dir: Path) -> list[Path]:
+    """The step directories in a checkpoints/ directory, oldest step first; temps and pointers skipped."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), entry) for entry in ckpt_dir.iterdir()
+             if (m := STEP_DIR_PATTERN.fullmatch(entry.name)) and entry.is_dir() and not entry.is_symlink()]
+    return [entry for _, entry in sorted(found)]
+
 
 # Keys a resumed run may change: they extend or observe training without changing what
 # the run means. Anything else (model, data, objective, optimizer...) is refused.
@@ -46,7 +147,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     Raises:
         RunDirError: another live process holds the lock, or the directory cannot be written.
     """
-    path = run_dir / LOCK_FILE
+    path = RunDir(run_dir).lock
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,7 +176,8 @@ def _lock(fd: int, run_dir: Path) -> None:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / CONFIG_FILE).exists() or ckpt.run_has_checkpoints(run_dir)
+    run = RunDir(run_dir)
+    return run.config.exists() or run.has_checkpoints()
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
@@ -85,21 +187,23 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | N
         RunDirError: the directory holds a run and neither flag was given, both flags were
             given, there is nothing to resume, or the directory cannot be written.
     """
+    from ptft.checkpoint import resolve_checkpoint  # checkpoint.py builds its paths from this module
+
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; pass one")
+    run = RunDir(run_dir)
     if resume:
-        if not ckpt.run_has_checkpoints(run_dir):
+        if not run.has_checkpoints():
             raise RunDirError(f"--resume: run.dir '{run_dir}' holds no checkpoint to resume from")
-        return ckpt.resolve_checkpoint(run_dir / "checkpoints" / "last")
+        return resolve_checkpoint(run.last)
     if holds_run(run_dir):
         if not overwrite:
             raise RunDirError(
                 f"run.dir '{run_dir}' already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 f"or choose another run.dir=..."
             )
-        for name in RUN_OUTPUTS:
-            _remove_outputs(run_dir / name)
-        _remove_outputs(run_dir / METRICS_FILE)
+        for path in run.outputs:
+            _remove_outputs(path)
     ensure_writable(run_dir)
     return None
 
@@ -134,12 +238,12 @@ def ensure_writable(run_dir: Path) -> None:
 
 def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
     """Refuse a resume whose config changes the run's meaning, listing the differing keys."""
-    saved = load_config(run_dir / CONFIG_FILE)
+    saved = load_config(RunDir(run_dir).config)
     changed = [key for key in config_diff(saved, cfg) if key not in RESUME_MUTABLE_KEYS]
     if changed:
         raise UserError(
             f"--resume: the config differs from the run in '{run_dir}' in keys that change what the run means: "
-            f"{', '.join(changed)}. Resume with the run's own config ({run_dir / CONFIG_FILE}), or start a new run.dir "
+            f"{', '.join(changed)}. Resume with the run's own config ({RunDir(run_dir).config}), or start a new run.dir "
             f"(only {', '.join(sorted(RESUME_MUTABLE_KEYS))} may change)"
         )
     _check_schedule_length(run_dir, saved, cfg)
@@ -161,12 +265,13 @@ def _check_schedule_length(run_dir: Path, saved: Config, cfg: Config) -> None:
         f"--resume: {key}={new} changes the length of the run in '{run_dir}' ({old_key}={old}), but "
         f"schedule.name '{cfg.schedule.name}' spreads the learning rate over that length, so it would jump "
         f"mid-run. Resume with {old_key}={old}, or train longer as a new run from its weights: "
-        f"run.dir=NEW_DIR init.checkpoint={run_dir / ckpt.CHECKPOINTS_DIR / ckpt.LAST} {key}=..."
+        f"run.dir=NEW_DIR init.checkpoint={RunDir(run_dir).last} {key}=..."
     )
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
     """Write the resolved config atomically: it alone reproduces the run."""
-    tmp = run_dir / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    final = RunDir(run_dir).config
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    os.replace(tmp, final)

@@ -2,8 +2,10 @@
 
 Finetuning starts from a ptft checkpoint or from a foreign file: a plain torchvision state
 dict, a Lightning `.ckpt`, a DDP (`module.`) or torch.compile (`_orig_mod.`) dict, a
-`.safetensors` file. `read_state_dict` reads them without unpickling arbitrary objects and
-normalises the names; `match_into` copies what fits into a model and sorts every key into a
+`.safetensors` file, a torchvision hub `.pth` or timm `.safetensors` / `.bin` of a
+`torchvision:` / `timm:` model. `read_state_dict` reads them without unpickling arbitrary
+objects and normalises the names; `match_into` maps a library file's names onto the model's
+(the encoder knows its library's classifier), copies what fits and sorts every key into a
 `KeyReport`, refusing a load that matched no encoder key (a deliberate handoff, as timm's
 `load_pretrained`: a silent no-op load would finetune from scratch without saying so).
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ptft.checkpoint import load_safetensors_file, load_torch_file, load_weights
+from ptft.checkpoint import OBJECTIVE_PREFIX, is_ptft_checkpoint, load_safetensors_file, load_torch_file, load_weights
 from ptft.errors import CheckpointError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -24,7 +26,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 LIGHTNING_PREFIX = "model."
-PTFT_PREFIXES = ("encoder.", "decoder.", "head.", "objective.")
+PTFT_PREFIXES = ("encoder.", "decoder.", "head.", OBJECTIVE_PREFIX)
 HEAD_PREFIX = "head."
 # Batch norm's step counter, which torchvision's original ImageNet files predate: a model keeps its
 # own count when a file lacks it (as torch's loader does), so it is never "missing" and never stops
@@ -46,7 +48,7 @@ def read_state_dict(path: Path | str, *, prefix_map: dict[str, str] | None = Non
         CheckpointError: missing, unreadable, unsafe, of another kind, or holding no tensors.
     """
     path = Path(path)
-    if path.is_dir() or (path.is_symlink() and not path.exists()):
+    if is_ptft_checkpoint(path):
         state = load_weights(path)
     elif not path.exists():
         raise CheckpointError(f"weights {path} do not exist (expected {EXPECTED_SOURCES})")
@@ -136,7 +138,9 @@ class KeyReport:
     """Where every key went when loading weights into a model; the categories are disjoint."""
 
     loaded: list[str] = field(default_factory=list)
-    adapted: list[str] = field(default_factory=list)  # loaded after summing input channels (RGB conv -> grey)
+    # Loaded after changing shape: an RGB stem conv summed over its input channels for grey data, a ViT
+    # position embedding resampled to the model's patch grid (the encoder's `adapt_weight`).
+    adapted: list[str] = field(default_factory=list)
     skipped_head: list[str] = field(default_factory=list)  # file's head.* kept out; the fresh head stays
     missing: list[str] = field(default_factory=list)  # model keys the file lacks (batch-norm counters aside)
     unexpected: list[str] = field(default_factory=list)  # file keys the model lacks (decoder.*, objective.*)
@@ -182,7 +186,8 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
     """Copy the tensors of `state` that fit into `model` (in place) and report every key.
 
     `head.*` keys load only with `load_head` and equal shapes; otherwise they are skipped and
-    the head keeps its fresh init (another number of classes is not an error).
+    the head keeps its fresh init (another number of classes is not an error). A library file
+    (torchvision, timm) for a `LibraryEncoder` is first renamed to the model's keys.
 
     Args:
         model: the freshly built model; changed only if no error is raised.
@@ -197,6 +202,7 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
         CheckpointError: no encoder key loaded (the message lists the file's common prefixes),
             or `strict` and some encoder key was not loaded.
     """
+    state = _library_to_ptft(model, state, encoder_prefix)
     target = model.state_dict()
     report, to_load = KeyReport(), {}
     # The model's order, not the file's: safetensors stores keys sorted, torch files as saved,
@@ -218,6 +224,9 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
             # summed filter gives exactly what the colour filter gave.
             to_load[name] = tensor.sum(dim=1, keepdim=True)
             report.adapted.append(name)
+        elif (adapted := _adapted_by_encoder(model, encoder_prefix, name, tensor, wanted)) is not None:
+            to_load[name] = adapted
+            report.adapted.append(name)
         else:
             report.shape_mismatched.append((name, tuple(tensor.shape), tuple(wanted)))
     report.missing = [name for name in target if name not in state and not name.endswith(BATCH_COUNTER_SUFFIX)]
@@ -225,6 +234,34 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
     _check_encoder_loaded(report, state, encoder_prefix, strict, source or "weights", hints)
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def _library_to_ptft(model: torch.nn.Module, state: dict, prefix: str) -> dict:
+    """A library file's keys (`features.0.0.weight`, `fc.weight`) as the model's: `encoder.` + key, and
+    the library's classifier (the encoder's `library_head`, e.g. `classifier.2.`) as `head.`.
+
+    Only for an encoder that holds a library network (models/backbones.py) and a file more of whose
+    keys are that library's names (older ones renamed first) than the model's: a torchvision ViT's
+    own keys start with `encoder.` too. Anything else is returned as it is.
+    """
+    encoder = getattr(model, prefix.rstrip("."), None)
+    head = getattr(encoder, "library_head", None)
+    if head is None:
+        return state
+    library = encoder.upgrade_library_keys(state)
+    own, ours = encoder.state_dict(), model.state_dict()
+    if sum(k in own for k in library) <= sum(k in ours for k in state):
+        return state
+    return {(HEAD_PREFIX + k[len(head):] if k.startswith(head) else prefix + k): v for k, v in library.items()}
+
+
+def _adapted_by_encoder(model: torch.nn.Module, prefix: str, name: str, tensor: torch.Tensor,
+                        wanted: torch.Size) -> torch.Tensor | None:
+    """The encoder's own reshaping of a file's tensor (`adapt_weight`, e.g. a ViT position embedding)."""
+    adapt = getattr(getattr(model, prefix.rstrip("."), None), "adapt_weight", None)
+    if adapt is None or not name.startswith(prefix):
+        return None
+    return adapt(name[len(prefix):], tensor, wanted)
 
 
 def _mismatch_hints(model: torch.nn.Module, mismatched: list, prefix: str) -> list[str]:

@@ -48,8 +48,8 @@ from bench_paths import (PATHS, HandLoop, Interleaver, LoaderLoop, Meter, build_
 from ptft.config import load_config
 from ptft.data import DATASETS
 from ptft.data.sources import MNIST_FILES
+from ptft.models import build_model
 from ptft.runtime import resolve_device, seed_everything
-from ptft.stages import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 128
@@ -112,7 +112,7 @@ def workload_config(workload: str, dataset: str, args, run_dir: Path, total_step
 def hand_parts(cfg, tensors, device):
     """Model (ptft's builder, the run seed) and optimizer, made as a hand-written script makes them."""
     seed_everything(cfg.run.seed)
-    model = build_model(cfg, tuple(tensors.train_x.shape[1:]), tensors.num_classes).to(device)
+    model = build_model(cfg.model, tensors.train_x.shape[1:], tensors.num_classes).to(device)
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim.name]
     return model, optimizer_class(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)

@@ -19,14 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ptft.assembly import build_run, build_tracker, build_train_parts
 from ptft.config import config_hash
-from ptft.console import MetricsLog
-from ptft.data import build_data
-from ptft.data.batches import DeviceBatches
-from ptft.engine import BestTracker, TrainParts, fit
-from ptft.objectives import OBJECTIVES
+from ptft.data.batches import Batches
+from ptft.engine import TrainParts, fit
+from ptft.meta import CheckpointMeta
 from ptft.runtime import seed_everything
-from ptft.stages import build_model, build_train_parts
 
 PATHS = {"ptft": "(a) ptft engine", "hand": "(b) hand-written loop", "dataloader": "(c) torchvision DataLoader",
          "lightning": "(d) Lightning defaults"}
@@ -249,7 +247,7 @@ def loader_dataset(name: str, root: Path, tensors):
 class TickingBatches:
     """ptft's batch source as `fit` sees it, telling the interleaver as each step starts."""
 
-    def __init__(self, batches: DeviceBatches, tick):
+    def __init__(self, batches: Batches, tick):
         self._batches, self._tick = batches, tick
         self.steps_per_epoch = batches.steps_per_epoch
 
@@ -259,13 +257,9 @@ class TickingBatches:
 
 
 def build_ptft(cfg, device: torch.device):
-    """The TrainParts and LoopSettings `ptft pretrain` builds (ptft.stages.build_train_parts), on `device`."""
+    """The TrainParts and LoopSettings `ptft pretrain` builds (ptft.assembly), on `device`."""
     seed_everything(cfg.run.seed)
-    data = build_data(cfg.data, device)
-    model = build_model(cfg, data.input_shape, data.num_classes)
-    objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
-    split = data.labelled if objective.needs_labels else data.unlabelled
-    return build_train_parts(cfg, "pretrain", device, data, model, objective, split)
+    return build_train_parts(build_run(cfg, device, stage="pretrain"))
 
 
 def run_ptft(parts: TrainParts, settings, cfg, interleaver: Interleaver) -> float:
@@ -274,9 +268,8 @@ def run_ptft(parts: TrainParts, settings, cfg, interleaver: Interleaver) -> floa
     parts.batches = TickingBatches(parts.batches, interleaver.tick)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True)
-    tracker = BestTracker(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.train.early_stopping_patience)
-    fit(parts, settings, run_dir, start_step=0, tracker=tracker, log=MetricsLog(run_dir / "metrics.jsonl"),
-        meta_base={"stage": "pretrain", "config_hash": config_hash(cfg)})
+    fit(parts, settings, run_dir, tracker=build_tracker(cfg),
+        meta_base=CheckpointMeta(stage="pretrain", config_hash=config_hash(cfg)))
     return interleaver.finish()
 
 

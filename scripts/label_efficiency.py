@@ -16,6 +16,16 @@ Writes OUT/table.md (mean ± std over seeds), OUT/plot.png and OUT/raw.json, and
 
     python scripts/label_efficiency.py --dataset digits
     python scripts/label_efficiency.py --dataset mnist --data-root ../shared/data
+
+Cross-dataset (`--datasets`): the same two shipped configs on every dataset, nothing but `data.*`
+changed: configs/ssl_pretrain.yaml's label-free pretraining (once per objective and dataset) and
+configs/ssl_finetune.yaml's finetune, with and without semi-supervised learning from the
+unlabelled train split. Rows: scratch, scratch + fixmatch, each pretraining, each pretraining +
+fixmatch; columns: dataset x labels per class. `--val-per-class` repeats every finetune with a
+validation split of as many labels per class as the budget (`data.val_labels_per_class`), which
+is what a user with that budget would really have, next to the generous 10% split.
+
+    python scripts/label_efficiency.py --datasets digits,mnist,fashion_mnist --data-root ../shared/data
 """
 
 from __future__ import annotations
@@ -41,6 +51,15 @@ SCRATCH = "scratch"
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """One row of the table: which pretraining to start from, and the finetune's own overrides."""
+
+    name: str
+    pretrain: str | None  # a key of Study.pretrain; None: from scratch
+    finetune: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Study:
     """The configs and default budgets of one dataset's study."""
 
@@ -48,6 +67,7 @@ class Study:
     pretrain: dict[str, str]  # objective -> pretrain config
     budgets: list[int]  # labels per class
     data: list[str] = field(default_factory=list)  # overrides every stage gets
+    pretrain_overrides: dict[str, list[str]] = field(default_factory=dict)  # objective -> its overrides
 
 
 STUDIES = {
@@ -63,6 +83,32 @@ STUDIES = {
         budgets=[1, 10, 100]),
 }
 METHODS = [SCRATCH, "reconstruction", "denoising", "masked", "contrastive"]
+
+# The cross-dataset study: one recipe for every dataset, only data.* differs.
+CROSS_DATASETS = ["digits", "mnist", "fashion_mnist"]
+CROSS_PRETRAININGS = {"contrastive": ["objective.name=contrastive", "objective.temperature=0.5"],
+                      "vicreg": ["objective.name=vicreg"]}
+SEMI = "fixmatch"
+
+
+def cross_study(dataset: str) -> Study:
+    """configs/ssl_pretrain.yaml once per objective, configs/ssl_finetune.yaml for every row."""
+    return Study(finetune="configs/ssl_finetune.yaml",
+                 pretrain={name: "configs/ssl_pretrain.yaml" for name in CROSS_PRETRAININGS},
+                 pretrain_overrides=CROSS_PRETRAININGS, budgets=[1, 10, 100], data=[f"data.name={dataset}"])
+
+
+def cross_recipes() -> list[Recipe]:
+    """scratch, scratch+fixmatch, then each pretraining without and with fixmatch."""
+    recipes = []
+    for pretrain in [None, *CROSS_PRETRAININGS]:
+        name = pretrain or SCRATCH
+        recipes += [Recipe(name, pretrain, ("finetune.unlabelled=none",)),
+                    Recipe(f"{name}+{SEMI}", pretrain, (f"finetune.unlabelled={SEMI}",))]
+    return recipes
+
+
+CROSS_METHODS = [recipe.name for recipe in cross_recipes()]
 # --quick: a smoke test of the whole pipeline in seconds, numbers meaningless.
 QUICK_PRETRAIN = ["train.epochs=null", "train.max_steps=2", "train.eval_every_steps=2"]
 QUICK_FINETUNE = ["train.max_steps=2", "train.eval_every_steps=2"]
@@ -71,10 +117,17 @@ QUICK_FINETUNE = ["train.max_steps=2", "train.eval_every_steps=2"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(STUDIES), default="digits")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--datasets", help=f"cross-dataset study over these, comma-separated "
+                                           f"(e.g. {','.join(CROSS_DATASETS)}): the shipped ssl_* configs everywhere")
+    parser.add_argument("--methods", nargs="+", choices=list(dict.fromkeys(METHODS + CROSS_METHODS)),
+                        help=f"rows (default: all; --dataset: {', '.join(METHODS)}; --datasets: "
+                             f"{', '.join(CROSS_METHODS)})")
     parser.add_argument("--budgets", nargs="+", type=int, help="labels per class (default: the dataset's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="finetune seeds")
-    parser.add_argument("--out", type=Path, help="results folder (default: results/label_efficiency/DATASET)")
+    parser.add_argument("--val-per-class", action="store_true",
+                        help="also finetune with a validation split of as many labels per class as the budget")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/label_efficiency/DATASET "
+                                                 "or .../cross_dataset)")
     parser.add_argument("--work", type=Path, help="run directories (default: runs/label_efficiency/DATASET)")
     parser.add_argument("--data-root", help="data.root for every stage (files are never downloaded)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -85,10 +138,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--budgets: labels per class must be >= 1, got {args.budgets}")
     if args.jobs < 1:
         parser.error(f"--jobs: expected an integer >= 1, got {args.jobs}")
-    args.budgets = sorted(set(args.budgets or STUDIES[args.dataset].budgets))
-    args.out = args.out or REPO / "results" / "label_efficiency" / args.dataset
-    args.work = args.work or REPO / "runs" / "label_efficiency" / args.dataset
+    _resolve_studies(parser, args)
     return args
+
+
+def _resolve_studies(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.studies (dataset -> Study), args.recipes, budgets and folders, from --dataset or --datasets."""
+    args.cross = args.datasets is not None
+    name = "cross_dataset" if args.cross else args.dataset
+    if args.cross:
+        datasets = [d for d in args.datasets.split(",") if d]
+        unknown = sorted(set(datasets) - set(CROSS_DATASETS)) or (not datasets and ["(none)"])
+        if unknown:
+            parser.error(f"--datasets: expected some of {','.join(CROSS_DATASETS)}, got {args.datasets!r}")
+        args.studies = {dataset: cross_study(dataset) for dataset in datasets}
+        known, args.recipes = CROSS_METHODS, cross_recipes()
+    else:
+        args.studies = {args.dataset: STUDIES[args.dataset]}
+        known, args.recipes = METHODS, [Recipe(m, None if m == SCRATCH else m) for m in METHODS]
+    chosen = args.methods or known
+    if set(chosen) - set(known):
+        parser.error(f"--methods: with {'--datasets' if args.cross else '--dataset'} expected some of "
+                     f"{', '.join(known)}, got {' '.join(chosen)}")
+    args.recipes = [recipe for recipe in args.recipes if recipe.name in chosen]
+    args.budgets = sorted(set(args.budgets or next(iter(args.studies.values())).budgets))
+    args.out = args.out or REPO / "results" / "label_efficiency" / name
+    args.work = args.work or REPO / "runs" / "label_efficiency" / name
 
 
 def run_ptft(args: list[str], log: Path) -> str:
@@ -117,77 +192,113 @@ def last_line(stdout: str) -> str:
     return lines[-1]
 
 
-def stage_overrides(args: argparse.Namespace, run_dir: Path, quick: list[str]) -> list[str]:
-    """Overrides every stage run gets: its run directory, the data root, and --quick's step counts."""
-    overrides = [f"run.dir={run_dir}", *STUDIES[args.dataset].data]
+@dataclass(frozen=True)
+class Finetune:
+    """One finetune run of the study: a recipe on a dataset, a label budget, a seed and a validation split."""
+
+    dataset: str
+    recipe: Recipe
+    budget: int
+    seed: int
+    val_per_class: bool = False  # validation split of `budget` labels per class instead of 10%
+
+    @property
+    def row(self) -> str:
+        return self.recipe.name + (", val = budget" if self.val_per_class else "")
+
+
+def dataset_work(args: argparse.Namespace, dataset: str) -> Path:
+    """The dataset's run folder: args.work itself for a one-dataset study (as it always was)."""
+    return args.work / dataset if args.cross else args.work
+
+
+def stage_overrides(args: argparse.Namespace, dataset: str, run_dir: Path, quick: list[str]) -> list[str]:
+    """Overrides every stage run gets: its run directory, the data, and --quick's step counts."""
+    overrides = [f"run.dir={run_dir}", *args.studies[dataset].data]
     if args.data_root:
         overrides += [f"data.root={args.data_root}", "data.download=false"]
     return overrides + (quick if args.quick else [])
 
 
-def pretrain(args: argparse.Namespace, method: str) -> str:
+def pretrain(args: argparse.Namespace, dataset: str, method: str) -> str:
     """Pretrain with `method`'s config once; returns the checkpoint to finetune from."""
-    run_dir = args.work / method / "pretrain"
-    overrides = stage_overrides(args, run_dir, QUICK_PRETRAIN)
-    stdout = run_ptft(["pretrain", STUDIES[args.dataset].pretrain[method], *overrides, "--overwrite"],
-                      run_dir.with_suffix(".log"))
+    study = args.studies[dataset]
+    run_dir = dataset_work(args, dataset) / method / "pretrain"
+    overrides = [*study.pretrain_overrides.get(method, []), *stage_overrides(args, dataset, run_dir, QUICK_PRETRAIN)]
+    stdout = run_ptft(["pretrain", study.pretrain[method], *overrides, "--overwrite"], run_dir.with_suffix(".log"))
     return last_line(stdout)
 
 
-def finetune_accuracy(args: argparse.Namespace, method: str, init: str | None, budget: int, seed: int) -> float:
-    """Finetune on `budget` labels per class with `seed`, evaluate on the test split; returns accuracy."""
-    run_dir = args.work / method / f"labels{budget}-seed{seed}"
-    overrides = stage_overrides(args, run_dir, QUICK_FINETUNE) + [
-        f"init.checkpoint={init or 'null'}", f"data.labels_per_class={budget}",
-        f"data.split_seed={seed}", f"run.seed={seed}"]
+def finetune_accuracy(args: argparse.Namespace, run: Finetune, init: str | None) -> float:
+    """Finetune on `run.budget` labels per class with `run.seed`, evaluate on the test split; returns accuracy."""
+    name = f"labels{run.budget}-seed{run.seed}" + (f"-val{run.budget}" if run.val_per_class else "")
+    run_dir = dataset_work(args, run.dataset) / run.recipe.name / name
+    overrides = stage_overrides(args, run.dataset, run_dir, QUICK_FINETUNE) + [
+        *run.recipe.finetune, f"init.checkpoint={init or 'null'}", f"data.labels_per_class={run.budget}",
+        f"data.split_seed={run.seed}", f"run.seed={run.seed}"]
+    if run.val_per_class:
+        overrides.append(f"data.val_labels_per_class={run.budget}")
     log = run_dir.with_suffix(".log")
-    best = last_line(run_ptft(["finetune", STUDIES[args.dataset].finetune, *overrides, "--overwrite"], log))
+    best = last_line(run_ptft(["finetune", args.studies[run.dataset].finetune, *overrides, "--overwrite"], log))
     metrics = json.loads(run_ptft(["evaluate", best, "--split", "test"], log.with_suffix(".eval.log")))
     return metrics["accuracy"]
 
 
-def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
-    """Every (method, budget, seed) run, `args.jobs` at a time; returns their records and each pretraining's seconds.
+def finetunes_from(args: argparse.Namespace, dataset: str, pretrain: str | None) -> list[Finetune]:
+    """Every finetune of `dataset` that starts from `pretrain` (None: from scratch)."""
+    variants = [False, True] if args.val_per_class else [False]
+    return [Finetune(dataset, recipe, budget, seed, val) for recipe in args.recipes if recipe.pretrain == pretrain
+            for val in variants for budget in args.budgets for seed in args.seeds]
 
-    Pretraining runs go first (they take longest); a method's finetunes are queued as soon as
-    its checkpoint exists, the from-scratch ones at once.
+
+def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
+    """Every run, `args.jobs` at a time; returns their records and each pretraining's seconds.
+
+    Pretraining runs go first (they take longest); a pretraining's finetunes are queued as soon
+    as its checkpoint exists, the from-scratch ones at once.
     """
     records, pretrain_seconds = [], {}
-    total = len(args.methods) * len(args.budgets) * len(args.seeds)
+    pretrainings = list(dict.fromkeys(r.pretrain for r in args.recipes if r.pretrain))
+    total = sum(len(finetunes_from(args, d, p)) for d in args.studies for p in [None, *pretrainings])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = {}
 
-        def queue_finetunes(method: str, init: str | None) -> None:
-            for budget in args.budgets:
-                for seed in args.seeds:
-                    future = pool.submit(timed, finetune_accuracy, args, method, init, budget, seed)
-                    pending[future] = (method, budget, seed)
+        def queue_finetunes(dataset: str, pretrain: str | None, init: str | None) -> None:
+            for run in finetunes_from(args, dataset, pretrain):
+                pending[pool.submit(timed, finetune_accuracy, args, run, init)] = run
 
-        for method in args.methods:
-            if method != SCRATCH:
-                pending[pool.submit(timed, pretrain, args, method)] = (method, None, None)
-        if SCRATCH in args.methods:
-            queue_finetunes(SCRATCH, None)
+        for dataset in args.studies:
+            for method in pretrainings:
+                pending[pool.submit(timed, pretrain, args, dataset, method)] = (dataset, method)
+        for dataset in args.studies:
+            queue_finetunes(dataset, None, None)
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    (method, budget, seed), (result, seconds) = pending.pop(future), future.result()
-                    if budget is None:
-                        pretrain_seconds[method] = seconds
-                        note(f"pretrained {method} in {seconds:.0f} s")
-                        queue_finetunes(method, result)
+                    job, (result, seconds) = pending.pop(future), future.result()
+                    if isinstance(job, tuple):
+                        dataset, method = job
+                        pretrain_seconds[f"{dataset}/{method}" if args.cross else method] = seconds
+                        note(f"pretrained {method} on {dataset} in {seconds:.0f} s")
+                        queue_finetunes(dataset, method, result)
                         continue
-                    records.append({"method": method, "labels_per_class": budget, "seed": seed,
-                                    "accuracy": result, "seconds": seconds})
-                    note(f"[{len(records)}/{total}] {method}, {budget} per class, seed {seed}: "
-                         f"{100 * result:.1f}% ({seconds:.0f} s)")
+                    records.append({"dataset": job.dataset, "method": job.row, "labels_per_class": job.budget,
+                                    "seed": job.seed, "accuracy": result, "seconds": seconds})
+                    note(f"[{len(records)}/{total}] {job.dataset}, {job.row}, {job.budget} per class, "
+                         f"seed {job.seed}: {100 * result:.1f}% ({seconds:.0f} s)")
         except BaseException:
             pool.shutdown(cancel_futures=True)  # a failed run ends the study; running ones finish
             raise
-    order = {method: i for i, method in enumerate(METHODS)}
-    records.sort(key=lambda r: (order[r["method"]], r["labels_per_class"], r["seed"]))
-    return records, dict(sorted(pretrain_seconds.items(), key=lambda item: order[item[0]]))
+    return sort_records(args, records), pretrain_seconds
+
+
+def sort_records(args: argparse.Namespace, records: list[dict]) -> list[dict]:
+    """Records by dataset, then row (the recipes' order, each before its val = budget twin), budget, seed."""
+    rows = [f"{r.name}{suffix}" for r in args.recipes for suffix in ("", ", val = budget")]
+    datasets = list(args.studies)
+    return sorted(records, key=lambda r: (datasets.index(r["dataset"]), rows.index(r["method"]),
+                                          r["labels_per_class"], r["seed"]))
 
 
 def timed(fn, *args):
@@ -207,26 +318,45 @@ def summarize(records: list[dict]) -> list[tuple[str, int, float, float]]:
             for (method, budget), accs in groups.items()]
 
 
+def _seeds_text(seeds: list[int]) -> str:
+    return f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))})"
+
+
 def markdown_table(rows: list[tuple[str, int, float, float]], budgets: list[int], seeds: list[int]) -> str:
     """Methods as rows, labels per class as columns, test accuracy in % as mean ± std over seeds."""
-    cells = {(method, budget): f"{100 * mean:.1f} ± {100 * std:.1f}" for method, budget, mean, std in rows}
-    methods = list(dict.fromkeys(method for method, *_ in rows))
-    seeds_text = f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))})"
-    lines = [f"Test accuracy (%), mean ± std over {seeds_text}, by labels per class:", "",
-             "| method | " + " | ".join(map(str, budgets)) + " |", "|---|" + "---:|" * len(budgets)]
-    lines += [f"| {method} | " + " | ".join(cells[method, b] for b in budgets) + " |" for method in methods]
+    return cross_table({None: rows}, budgets, seeds)
+
+
+def cross_table(rows_by_dataset: dict[str | None, list[tuple[str, int, float, float]]], budgets: list[int],
+                seeds: list[int]) -> str:
+    """Methods as rows, (dataset,) labels per class as columns; a run that did not happen is '-'."""
+    cells = {(dataset, method, budget): f"{100 * mean:.1f} ± {100 * std:.1f}"
+             for dataset, rows in rows_by_dataset.items() for method, budget, mean, std in rows}
+    methods = list(dict.fromkeys(method for rows in rows_by_dataset.values() for method, *_ in rows))
+    columns = [(dataset, budget) for dataset in rows_by_dataset for budget in budgets]
+    header = [str(b) if d is None else f"{d} {b}" for d, b in columns]
+    lines = [f"Test accuracy (%), mean ± std over {_seeds_text(seeds)}, by labels per class:", "",
+             "| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {method} | " + " | ".join(cells.get((d, method, b), "-") for d, b in columns) + " |"
+              for method in methods]
     return "\n".join(lines) + "\n"
 
 
 def write_results(args: argparse.Namespace, records: list[dict], pretrain_seconds: dict, wall_seconds: float) -> str:
     """table.md, plot.png and raw.json into args.out; returns the table."""
-    rows = summarize(records)
-    table = markdown_table(rows, args.budgets, args.seeds)
+    rows_by_dataset = {dataset: summarize([r for r in records if r["dataset"] == dataset]) for dataset in args.studies}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cross:
+        table = cross_table(rows_by_dataset, args.budgets, args.seeds)
+        save_cross_plot(rows_by_dataset, args.out / "plot.png")
+    else:
+        rows = rows_by_dataset[args.dataset]
+        table = markdown_table(rows, args.budgets, args.seeds)
+        save_label_efficiency_plot(rows, args.out / "plot.png", title=f"{args.dataset}: label efficiency")
     (args.out / "table.md").write_text(table)
-    save_label_efficiency_plot(rows, args.out / "plot.png", title=f"{args.dataset}: label efficiency")
-    raw = {"dataset": args.dataset, "command": " ".join(["python", *sys.argv]), "quick": args.quick,
-           "wall_seconds": round(wall_seconds, 1), "pretrain_seconds": pretrain_seconds, "runs": records}
+    raw = {"datasets" if args.cross else "dataset": list(args.studies) if args.cross else args.dataset,
+           "command": " ".join(["python", *sys.argv]), "quick": args.quick, "wall_seconds": round(wall_seconds, 1),
+           "load_average": os.getloadavg(), "pretrain_seconds": pretrain_seconds, "runs": records}
     (args.out / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
     return table
 
@@ -235,19 +365,11 @@ def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-
-def save_label_efficiency_plot(rows: Iterable[tuple[str, int, float, float]], path: str | Path,
-                               title: str = "label efficiency") -> None:
-    """Plot accuracy against labels per class (log x axis), one line with error bars per method.
-
-    Args:
-        rows: (method, labels_per_class, mean accuracy, std accuracy) tuples, in any order.
-    """
+def _draw(ax, rows: Iterable[tuple[str, int, float, float]], title: str) -> None:
+    """Accuracy against labels per class (log x axis) on `ax`, one line with error bars per method."""
     by_method: dict[str, list[tuple[int, float, float]]] = {}
     for method, labels_per_class, mean, std in rows:
         by_method.setdefault(method, []).append((labels_per_class, mean, std))
-    fig = Figure(figsize=(6.0, 4.5))
-    ax = fig.add_subplot()
     for method, points in by_method.items():
         budgets, means, stds = zip(*sorted(points))
         ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method)
@@ -261,11 +383,35 @@ def save_label_efficiency_plot(rows: Iterable[tuple[str, int, float, float]], pa
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if by_method:
-        ax.legend()
+        ax.legend(fontsize="small")
+
+
+def _save(fig: Figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches itself to fig: no pyplot, no global backend change
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+
+
+def save_label_efficiency_plot(rows: Iterable[tuple[str, int, float, float]], path: str | Path,
+                               title: str = "label efficiency") -> None:
+    """Plot accuracy against labels per class (log x axis), one line with error bars per method.
+
+    Args:
+        rows: (method, labels_per_class, mean accuracy, std accuracy) tuples, in any order.
+    """
+    fig = Figure(figsize=(6.0, 4.5))
+    _draw(fig.add_subplot(), rows, title)
+    _save(fig, path)
+
+
+def save_cross_plot(rows_by_dataset: dict[str, list[tuple[str, int, float, float]]], path: str | Path) -> None:
+    """One panel per dataset, side by side, as `save_label_efficiency_plot` draws one."""
+    fig = Figure(figsize=(5.5 * len(rows_by_dataset), 4.5))
+    for index, (dataset, rows) in enumerate(rows_by_dataset.items()):
+        _draw(fig.add_subplot(1, len(rows_by_dataset), index + 1), rows, dataset)
+    _save(fig, path)
+
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -273,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     records, pretrain_seconds = run_study(args)
     wall = time.monotonic() - start
     table = write_results(args, records, pretrain_seconds, wall)
-    note(f"{args.dataset} study done in {wall / 60:.1f} min; results in {args.out}")
+    note(f"{', '.join(args.studies)} study done in {wall / 60:.1f} min; results in {args.out}")
     print(table, end="")
 
 

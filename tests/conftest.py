@@ -88,6 +88,12 @@ def tiny_finetune_config(run_dir: Path, init: str | None, **sections) -> dict:
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _decode_cache_in_tmp(tmp_path_factory, monkeypatch):
+    # imagefolder caches decoded images in $XDG_CACHE_HOME/ptft: a test never touches the user's own.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():

@@ -141,3 +141,127 @@ def test_augment_resamples_once_with_the_composed_matrix():
                 @ aug.translation_matrices(x, 0.1, g))
     torch.testing.assert_close(augment(x, gen(5)), aug.apply_affine(x, composed))
 
+
+
+# ---- colour and photometric ops: each against torchvision's, image by image ------------------------
+
+tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+
+
+def colour_images(n: int = 4, c: int = 3) -> torch.Tensor:
+    """Tiny (n, c, 5, 6) float images in [0, 1], with exact greys and saturated pixels among them."""
+    x = torch.rand((n, c, 5, 6), generator=gen(11))
+    x[:, :, 0, 0] = 0.5  # grey: hue undefined
+    x[:, :, 0, 1] = 1.0
+    x[:, :, 0, 2] = 0.0
+    return x
+
+
+FACTORS = torch.tensor([0.0, 0.6, 1.0, 1.7])
+COLOUR_OPS = [
+    ("brightness", aug.adjust_brightness, tvf.adjust_brightness, FACTORS),
+    ("contrast", aug.adjust_contrast, tvf.adjust_contrast, FACTORS),
+    ("saturation", aug.adjust_saturation, tvf.adjust_saturation, FACTORS),
+    ("hue", aug.adjust_hue, tvf.adjust_hue, torch.tensor([-0.5, -0.1, 0.0, 0.35])),
+]
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("name, ours, reference, factors", COLOUR_OPS, ids=[op[0] for op in COLOUR_OPS])
+def test_each_colour_op_matches_torchvision_with_a_parameter_per_image(name, ours, reference, factors, channels):
+    x = colour_images(c=channels)
+    expected = torch.stack([reference(image, float(f)) for image, f in zip(x, factors)])
+    torch.testing.assert_close(ours(x, factors), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_grayscale_matches_torchvision_and_keeps_the_channel_count(channels):
+    x = colour_images(c=channels)
+    expected = torch.stack([tvf.rgb_to_grayscale(image, num_output_channels=channels) for image in x])
+    torch.testing.assert_close(aug.grayscale(x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_gaussian_blur_matches_torchvision_with_a_sigma_per_image(kernel_size):
+    x = colour_images()
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 2.0])
+    expected = torch.stack([tvf.gaussian_blur(image, [kernel_size, kernel_size], [float(s), float(s)])
+                            for image, s in zip(x, sigmas)])
+    torch.testing.assert_close(aug.gaussian_blur(x, kernel_size, sigmas), expected, atol=1e-6, rtol=0)
+
+
+def test_solarize_matches_torchvision():
+    x = colour_images()
+    torch.testing.assert_close(aug.solarize(x, 0.5), tvf.solarize(x, 0.5), atol=0, rtol=0)
+
+
+def test_random_colour_ops_draw_their_parameters_per_image_from_the_generator():
+    x = colour_images(n=16)
+    jitter = aug.Augment(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=1.0)
+    out = jitter(x, gen(0))
+    assert torch.equal(out, jitter(x, gen(0))) and not torch.equal(out, jitter(x, gen(1)))
+    # Per image: the mean brightness ratio differs from image to image.
+    ratios = out.mean(dim=(1, 2, 3)) / x.mean(dim=(1, 2, 3))
+    assert ratios.std() > 0.05
+    half = aug.random_grayscale(x, 0.5, gen(0))
+    grey = torch.tensor([torch.equal(o[0], o[1]) and torch.equal(o[1], o[2]) for o in half])
+    assert 0 < grey.sum() < len(x)
+    blurred = aug.random_gaussian_blur(x, 3, (0.1, 2.0), 1.0, gen(0))
+    assert blurred.shape == x.shape and not torch.equal(blurred, x)
+    solarized = aug.random_solarize(x, 0.5, 0.5, gen(0))
+    changed = torch.tensor([not torch.equal(s, xi) for s, xi in zip(solarized, x)])
+    assert 0 < changed.sum() < len(x)
+
+
+def test_colour_strengths_of_zero_leave_the_batch_unchanged_and_every_op_stays_in_range():
+    x = colour_images(n=8)
+    assert not aug.Augment().changes_images
+    torch.testing.assert_close(aug.Augment(jitter_p=1.0)(x, gen(0)), x, atol=1e-6, rtol=0)  # one resampling
+    strong = aug.Augment(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, jitter_p=1.0, grayscale_p=0.5,
+                         blur_p=1.0, blur_sigma=(0.1, 2.0), solarize_p=0.5)
+    out = strong(x, gen(3))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and strong.changes_images
+
+
+def test_simclr_rgb_preset_is_simclrs_recipe_and_refuses_grey_images(tmp_path):
+    from ptft.errors import UserError
+    from ptft.models import MODELS
+    from ptft.objectives import OBJECTIVES
+
+    model = MODELS.get("tiny_conv_autoencoder")((3, 32, 32), 10)
+    objective = OBJECTIVES.get("contrastive")(model, (3, 32, 32), preset="simclr_rgb")
+    augment = objective.augment
+    assert (augment.brightness, augment.contrast, augment.saturation, augment.hue) == (0.8, 0.8, 0.8, 0.2)
+    assert (augment.jitter_p, augment.grayscale_p, augment.blur_p, augment.blur_sigma) == (0.8, 0.2, 0.5, (0.1, 2.0))
+    assert augment.blur_kernel == 3 and augment.crop_scale == (0.08, 1.0) and augment.flip_p == 0.5
+    grey = MODELS.get("tiny_conv_autoencoder")((1, 32, 32), 10)
+    with pytest.raises(UserError, match=r"objective.preset: simclr_rgb is for RGB images"):
+        OBJECTIVES.get("contrastive")(grey, (1, 32, 32), preset="simclr_rgb")
+    with pytest.raises(UserError, match=r"objective.max_rotation: set beside objective.preset 'simclr_rgb'"):
+        OBJECTIVES.get("contrastive")(model, (3, 32, 32), preset="simclr_rgb", max_rotation=5.0)
+
+
+def test_simclr_rgb_pretraining_on_a_colour_folder_resumes_bitwise_exactly(tmp_path, ptft):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from conftest import tiny_pretrain_config, write_yaml
+
+    root = tmp_path / "images"
+    pixels = torch.randint(0, 256, (12, 16, 16, 3), generator=gen(0), dtype=torch.uint8).numpy()
+    for i, image in enumerate(pixels):
+        (root / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "train" / f"c{i % 2}" / f"{i}.png")
+    sections = dict(data={"name": "imagefolder", "root": str(root), "batch_size": 4, "val_fraction": 0.25},
+                    model={"name": "tiny_conv_autoencoder"},
+                    objective={"name": "contrastive", "preset": "simclr_rgb", "projector_dim": 8, "hidden_dim": 8})
+    runs = {}
+    for name, steps in (("long", 6), ("short", 3)):
+        runs[name] = write_yaml(tmp_path / f"{name}.yaml", tiny_pretrain_config(
+            tmp_path / name, train={"max_steps": steps, "eval_every_steps": 3}, **sections))
+        assert ptft("pretrain", runs[name]).code == 0
+    resumed = ptft("pretrain", runs["short"], "train.max_steps=6", "--resume")
+    assert resumed.code == 0, resumed.stderr
+    long, short = (load_file((tmp_path / n / "checkpoints" / "last").resolve() / "model.safetensors")
+                   for n in ("long", "short"))
+    assert long.keys() == short.keys() and all(torch.equal(long[k], short[k]) for k in long)

@@ -1,4 +1,4 @@
-"""Checkpoint directories: atomic layout, pointers, pruning, crash safety, safe loading, RNG state."""
+"""Checkpoint directories: atomic layout, pointers, pruning, crash safety, safe loading, weight keys, RNG state."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 
 from ptft import checkpoint as ckpt
 from ptft.errors import CheckpointError
+from ptft.meta import CheckpointMeta
+from ptft.rng import capture_rng_state, restore_rng_state
 
 
 def weights_at(step: int) -> dict[str, torch.Tensor]:
@@ -24,8 +26,8 @@ def weights_at(step: int) -> dict[str, torch.Tensor]:
 
 def save(run_dir, step: int, *, best: bool = False, keep_last: int = 10, protect=()):
     state = {"step": step, "optimizer": {"lr": [0.1], "moments": torch.ones(3) * step}}
-    meta = {"step": step, "metrics": {"val/loss": 1 / step}}
-    return ckpt.save_checkpoint(run_dir, step, weights_at(step), state, meta, best=best, keep_last=keep_last,
+    meta = CheckpointMeta(step=step, metrics={"val/loss": 1 / step})
+    return ckpt.save_checkpoint(run_dir, weights_at(step), state, meta, best=best, keep_last=keep_last,
                                 protect=protect)
 
 
@@ -55,7 +57,7 @@ def test_save_writes_complete_step_dir_and_relative_pointers(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
     meta_text = (path / "meta.json").read_text()
     meta = json.loads(meta_text)
-    assert meta == {"format_version": 1, "metrics": {"val/loss": 0.002}, "step": 500}
+    assert meta["format_version"] == 1 and meta["step"] == 500 and meta["metrics"] == {"val/loss": 0.002}
     assert meta_text == json.dumps(meta, sort_keys=True, indent=2) + "\n"
 
 
@@ -67,13 +69,13 @@ def test_saved_weights_state_and_meta_load_back(tmp_path):
     assert weights["encoder.count"].dtype == torch.long and weights["encoder.count"].item() == 7
     state = ckpt.load_state(path)
     assert state["step"] == 7 and torch.equal(state["optimizer"]["moments"], torch.full((3,), 7.0))
-    assert ckpt.read_meta(path)["step"] == 7
+    assert ckpt.load_meta(path).step == 7 and ckpt.read_meta(path)["step"] == 7
 
 
 def test_save_copies_non_contiguous_and_shared_tensors(tmp_path):
     base = torch.arange(6.0).reshape(2, 3)
     # A transposed view and a tied weight: safetensors refuses both unless given independent copies.
-    ckpt.save_checkpoint(tmp_path, 1, {"a": base.t(), "b": base}, {}, {}, best=False, keep_last=1)
+    ckpt.save_checkpoint(tmp_path, {"a": base.t(), "b": base}, {}, CheckpointMeta(step=1), best=False, keep_last=1)
     loaded = ckpt.load_weights(tmp_path)
     assert torch.equal(loaded["a"], base.t()) and torch.equal(loaded["b"], base)
 
@@ -232,7 +234,7 @@ def test_non_finite_weights_are_refused_before_writing(tmp_path, bad):
     weights = weights_at(2)
     weights["head.b"][1] = bad
     with pytest.raises(CheckpointError, match=r"step 2: weight 'head.b'"):
-        ckpt.save_checkpoint(tmp_path, 2, weights, {}, {}, best=True, keep_last=5)
+        ckpt.save_checkpoint(tmp_path, weights, {}, CheckpointMeta(step=2), best=True, keep_last=5)
     assert step_names(tmp_path) == ["step-00000001"]
     assert pointer(tmp_path, "last") == "step-00000001" and pointer(tmp_path, "best") == "step-00000001"
 
@@ -335,13 +337,13 @@ def test_rng_round_trip_through_state_pt(tmp_path, restore_global_rng):
     random.seed(2)
     np.random.seed(3)
     np.random.normal()  # sets numpy's cached Gaussian, which the state must carry too
-    rng = ckpt.capture_rng_state()
+    rng = capture_rng_state()
     expected = (torch.rand(3), random.random(), np.random.rand(2), np.random.normal())
     torch.manual_seed(99)
     random.seed(99)
     np.random.seed(99)
-    ckpt.save_checkpoint(tmp_path, 1, weights_at(1), {"rng": rng}, {}, best=False, keep_last=1)
-    ckpt.restore_rng_state(ckpt.load_state(tmp_path)["rng"])  # weights_only=True load
+    ckpt.save_checkpoint(tmp_path, weights_at(1), {"rng": rng}, CheckpointMeta(step=1), best=False, keep_last=1)
+    restore_rng_state(ckpt.load_state(tmp_path)["rng"])  # weights_only=True load
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1]
     assert np.array_equal(np.random.rand(2), expected[2])
@@ -369,14 +371,39 @@ class FakeCuda:
 
 def test_cuda_rng_state_is_the_training_devices(tmp_path, monkeypatch, restore_global_rng):
     cuda = FakeCuda(monkeypatch)
-    rng = ckpt.capture_rng_state(torch.device("cuda:1"))
-    ckpt.save_checkpoint(tmp_path, 1, weights_at(1), {"rng": rng}, {}, best=False, keep_last=1)
-    ckpt.restore_rng_state(ckpt.load_state(tmp_path)["rng"], torch.device("cuda:1"))
+    rng = capture_rng_state(torch.device("cuda:1"))
+    ckpt.save_checkpoint(tmp_path, weights_at(1), {"rng": rng}, CheckpointMeta(step=1), best=False, keep_last=1)
+    restore_rng_state(ckpt.load_state(tmp_path)["rng"], torch.device("cuda:1"))
     assert cuda.calls == [("get", 1), ("set", 1)]
 
 
 def test_cpu_training_captures_no_cuda_rng_state(monkeypatch, restore_global_rng):
     cuda = FakeCuda(monkeypatch)
-    rng = ckpt.capture_rng_state(torch.device("cpu"))
-    ckpt.restore_rng_state(rng, torch.device("cpu"))
+    rng = capture_rng_state(torch.device("cpu"))
+    restore_rng_state(rng, torch.device("cpu"))
     assert rng["cuda"] == [] and cuda.calls == []
+
+
+def test_packed_weights_hold_the_objectives_keys_apart_and_unpack_into_both_modules(tmp_path):
+    torch.manual_seed(0)
+    model, objective = torch.nn.Sequential(torch.nn.Linear(2, 3)), torch.nn.Module()
+    objective.projector = torch.nn.Linear(3, 2)
+    packed = ckpt.pack_weights(model, objective)
+    assert sorted(packed) == ["0.bias", "0.weight", "objective.projector.bias", "objective.projector.weight"]
+    ckpt.save_checkpoint(tmp_path, packed, {}, CheckpointMeta(step=1), best=False, keep_last=1)
+    model_state, objective_state = ckpt.unpack_weights(ckpt.load_weights(tmp_path))
+    assert model_state.keys() == model.state_dict().keys()
+    assert objective_state.keys() == objective.state_dict().keys()
+    assert all(torch.equal(objective_state[k], v) for k, v in objective.state_dict().items())
+
+
+def test_ptft_checkpoints_are_directories_or_pointers_and_anything_else_is_a_weights_file(tmp_path):
+    step = save(tmp_path / "run", 1, best=True)
+    (tmp_path / "w.pt").write_bytes(b"")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "to_file").symlink_to(tmp_path / "w.pt")
+    for path in (step, tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "best",
+                 tmp_path / "dangling"):
+        assert ckpt.is_ptft_checkpoint(path), path
+    for path in (tmp_path / "w.pt", tmp_path / "to_file", tmp_path / "absent.safetensors"):
+        assert not ckpt.is_ptft_checkpoint(str(path)), path

@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 def data_cfg(**changes) -> SimpleNamespace:
     base = dict(name="synthetic", root="data", download=False, batch_size=32, eval_batch_size=100, val_fraction=0.1,
                 split_seed=0, label_fraction=None, labels_per_class=None, image_size=None)
-    return SimpleNamespace(**{**base, **changes})
+    # The schema's defaults for every other data.* key (resize, normalize, ...).
+    from ptft.config.schema import DataSection
+
+    return SimpleNamespace(**{**DataSection().model_dump(), **base, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -439,6 +442,26 @@ def test_device_batches_smaller_than_one_batch_use_everything():
     assert batches.steps_per_epoch == 1
     first, second = batches.batch(0)[1], batches.batch(1)[1]
     assert sorted(first.tolist()) == sorted(second.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_rank_shards_make_up_the_global_batch_at_every_step():
+    x, y = indexed_data(50)
+    whole = DeviceBatches(x, y, batch_size=12, seed=3)
+    shards = [whole.shard(rank, 3) for rank in range(3)]
+    assert all(shard.steps_per_epoch == whole.steps_per_epoch == 4 for shard in shards)
+    for step in (0, 3, 4, 9):  # 4 steps an epoch: crosses epoch boundaries
+        parts = [shard.batch(step) for shard in shards]
+        assert all(len(ys) == 4 for _, ys in parts)
+        assert torch.equal(torch.cat([xs for xs, _ in parts]), whole.batch(step)[0])
+        assert torch.equal(torch.cat([ys for _, ys in parts]), whole.batch(step)[1])
+
+
+def test_one_process_shard_is_the_whole_batch_source():
+    x, y = indexed_data(10)
+    whole = DeviceBatches(x, y, batch_size=4, seed=0)
+    assert whole.shard(0, 1) is whole
+    with pytest.raises(ValueError, match="global batch 4 does not split over 3 processes"):
+        whole.shard(0, 3)
 
 
 def test_iterate_eval_is_sequential_with_last_partial_batch():

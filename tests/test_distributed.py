@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from conftest import REPO, CliResult, tiny_pretrain_config, write_yaml
 from ptft import distributed as dist
-from ptft.data.batches import DeviceBatches
 from ptft.engine import StepRandomness, step_seed
 from ptft.errors import UserError
 
@@ -161,15 +160,23 @@ def test_objectives_and_freezing_that_leave_parameters_unused_run_under_ddp(tmp_
     _assert_weights_close(_last_weights(tmp_path / "ddp"), _last_weights(tmp_path / "single"))
 
 
-def test_rank_slices_make_up_the_global_batch():
-    x = torch.arange(50, dtype=torch.float32).reshape(50, 1, 1, 1)
-    whole = DeviceBatches(x, torch.arange(50), batch_size=12, seed=3)
-    shards = [dist.ShardedBatches(whole, r, 3) for r in range(3)]
-    for step in (0, 3, 4, 9):  # 4 steps an epoch: crosses epoch boundaries
-        parts = [shard.batch(step) for shard in shards]
-        assert all(len(xs) == 4 for xs, _ in parts)
-        torch.testing.assert_close(torch.cat([xs for xs, _ in parts]), whole.batch(step)[0], rtol=0, atol=0)
-        torch.testing.assert_close(torch.cat([ys for _, ys in parts]), whole.batch(step)[1], rtol=0, atol=0)
+def test_only_rank_0_prints_and_writes_metrics(monkeypatch, tmp_path, capsys):
+    from ptft import console
+
+    records = tmp_path / "metrics.jsonl"
+    records.write_text('{"step": 5}\n{"step": 10}\n')
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        console.note(f"note of rank {rank}")
+        console.write_stdout(f"result of rank {rank}\n")
+        console.print_key_report([("loaded", 1, "encoder.weight")], f"weights of rank {rank}")
+        console.MetricsLog(records, resume_step=5).write({"step": 6, "rank": int(rank)})
+        if rank == "1":  # a null writer: nothing said, the log neither truncated nor appended to
+            assert capsys.readouterr() == ("", "")
+            assert records.read_text() == '{"step": 5}\n{"step": 10}\n'
+    out, err = capsys.readouterr()
+    assert out == "result of rank 0\n" and "note of rank 0" in err and "weights of rank 0" in err
+    assert records.read_text() == '{"step": 5}\n{"rank": 0, "step": 6}\n'
 
 
 def test_global_batch_must_split_evenly_over_processes(monkeypatch):

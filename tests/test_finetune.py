@@ -21,7 +21,7 @@ from conftest import REPO, tiny_finetune_config, tiny_pretrain_config, write_yam
 from ptft.config import FinetuneSection, load_config
 from ptft.errors import UserError
 from ptft.models import MODELS
-from ptft.optim import build_param_groups
+from ptft.finetuning import FinetunePlan, FreezeSchedule, finetune_plan, leaves_parameters_unused, param_groups
 
 MODEL = {"name": "tiny_mlp_classifier", "batch_norm": True}
 ENCODER_KEYS = ["encoder.blocks.0.linear.weight", "encoder.blocks.0.norm.weight", "encoder.blocks.0.norm.bias",
@@ -402,11 +402,41 @@ def test_unfreeze_at_step_unfreezes_there_and_resumes_exactly(autoencoder_file, 
         assert_same(weights_at(tmp_path / "runs" / name), at[4], at[4].keys())
 
 
+def plan(**finetune) -> FinetunePlan:
+    return FinetunePlan.from_config(FinetuneSection(**finetune))
+
+
+def test_freeze_schedule_freezes_its_patterns_until_the_unfreeze_step():
+    schedule = plan(freeze=["encoder.blocks.*"], unfreeze_at_step=3).freeze
+    assert [schedule.frozen_at(step) for step in (0, 2, 3, 10)] == [("encoder.blocks.*",)] * 2 + [()] * 2
+    assert plan(mode="linear_probe").freeze == FreezeSchedule(("encoder.*",), None)
+    assert plan().freeze.frozen_at(0) == ()
+
+
+def test_only_finetuning_has_a_plan_and_it_needs_a_supervised_classifier(tmp_path):
+    classifier = load_config(write_yaml(tmp_path / "c.yaml", tiny_finetune_config(tmp_path / "c", None)))
+    assert finetune_plan(classifier, "pretrain") is None
+    assert finetune_plan(classifier, "finetune") == plan()
+    autoencoder = load_config(write_yaml(tmp_path / "a.yaml", tiny_pretrain_config(tmp_path / "a")))
+    with pytest.raises(UserError, match="model.name: finetune trains a classifier"):
+        finetune_plan(autoencoder, "finetune")
+
+
+def test_ddp_looks_for_unused_parameters_when_something_is_frozen_at_the_start_or_the_objective_skips_some():
+    class EncoderOnlyObjective(nn.Module):
+        uses_only_encoder = True
+
+    assert not leaves_parameters_unused(None, nn.Identity())
+    assert not leaves_parameters_unused(plan(), nn.Identity())
+    assert leaves_parameters_unused(plan(mode="linear_probe", unfreeze_at_step=5), nn.Identity())
+    assert leaves_parameters_unused(None, EncoderOnlyObjective())
+
+
 # ---- learning rates -------------------------------------------------------------------------------
 
 def test_layer_decay_and_head_lr_follow_the_formula_on_resnet18():
     model = MODELS.get("resnet18_classifier")((1, 8, 8), 10)
-    groups = build_param_groups(model, nn.Identity(), FinetuneSection(head_lr=0.3, layer_decay=0.5), lr=0.1)
+    groups = param_groups(model, nn.Identity(), plan(head_lr=0.3, layer_decay=0.5), lr=0.1)
     # Encoder layer l of L = 5 (stem, layer1..layer4) trains at lr * decay ** (L - l); the head at head_lr.
     assert [(g["name"], g["lr"]) for g in groups] == [(f"encoder.layer{l}", 0.1 * 0.5 ** (5 - l)) for l in range(5)] + [
         ("head", 0.3)]
@@ -420,9 +450,9 @@ def test_layer_decay_and_head_lr_follow_the_formula_on_resnet18():
 
 def test_without_decay_the_encoder_trains_at_lr_and_the_head_at_head_lr():
     model = MODELS.get("tiny_mlp_classifier")((1, 8, 8), 10)
-    plain = build_param_groups(model, nn.Identity(), FinetuneSection(), lr=0.1)
+    plain = param_groups(model, nn.Identity(), plan(), lr=0.1)
     assert [(g["name"], g["lr"], len(g["params"])) for g in plain] == [("body", 0.1, 4), ("head", 0.1, 2)]
-    head = build_param_groups(model, nn.Identity(), FinetuneSection(head_lr=1.0), lr=0.1)
+    head = param_groups(model, nn.Identity(), plan(head_lr=1.0), lr=0.1)
     assert [(g["name"], g["lr"]) for g in head] == [("body", 0.1), ("head", 1.0)]
 
 
@@ -433,7 +463,7 @@ def test_layer_decay_needs_an_encoder_with_layers():
             self.encoder, self.head = nn.Linear(4, 3), nn.Linear(3, 2)
 
     with pytest.raises(UserError, match="finetune.layer_decay"):
-        build_param_groups(NoLayers(), nn.Identity(), FinetuneSection(layer_decay=0.5), lr=0.1)
+        param_groups(NoLayers(), nn.Identity(), plan(layer_decay=0.5), lr=0.1)
 
 
 def test_saved_optimizer_state_holds_the_decayed_learning_rates(autoencoder_file, tmp_path, ptft):

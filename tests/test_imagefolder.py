@@ -118,17 +118,23 @@ def test_imagefolder_refuses_download_and_other_datasets_refuse_image_size(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_pretrain_then_finetune_on_a_folder_of_images(tmp_path, ptft):
+def test_pretrain_then_finetune_on_a_folder_of_images_decoded_once(tmp_path, ptft):
     root = image_tree(tmp_path / "images", per_class=12, unlabelled=4)
-    data = {"name": "imagefolder", "root": str(root), "batch_size": 8, "val_fraction": 0.25}
+    data = {"name": "imagefolder", "root": str(root), "batch_size": 8, "val_fraction": 0.25,
+            "cache_dir": str(tmp_path / "cache")}
     pre = write_yaml(tmp_path / "pre.yaml", tiny_pretrain_config(tmp_path / "pre", data=data))
-    assert ptft("pretrain", pre).code == 0
+    pretrained = ptft("pretrain", pre)
+    assert pretrained.code == 0 and "decoded 32 files in" in pretrained.stderr
     meta = json.loads((tmp_path / "pre" / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["data"]["dataset"] == "imagefolder" and meta["data"]["val_size"] == 6
     fine = write_yaml(tmp_path / "fine.yaml", tiny_finetune_config(
         tmp_path / "fine", str(tmp_path / "pre"), data={**data, "labels_per_class": 3, "batch_size": 6}))
-    best = ptft("finetune", fine).last_line
-    metrics = json.loads(ptft("evaluate", best).last_line)
+    finetuned = ptft("finetune", fine)
+    evaluated = ptft("evaluate", finetuned.last_line)
+    # Decoded once: the later stages map the cache.
+    for later in (finetuned, evaluated):
+        assert later.code == 0 and "mapped cache" in later.stderr and "decoded" not in later.stderr
+    metrics = json.loads(evaluated.last_line)
     assert metrics["num_examples"] == 4 and metrics["dataset"] == "imagefolder"
     assert list(metrics["per_class"]) == ["cat", "dog"]  # the folder names
 
@@ -337,3 +343,124 @@ def test_pretrain_on_a_folder_too_small_for_its_val_fraction_exits_2_naming_it(t
     assert result.code == 2 and "Traceback" not in result.stderr
     assert "data.val_fraction: 0.1 takes no validation examples from imagefolder's 6 training examples" in result.stderr
     assert "set data.val_fraction to at least 0.17" in result.stderr
+
+
+# ---- decoding on every core, once per file ---------------------------------------------------------
+
+def mixed_tree(root: Path) -> Path:
+    """Grey, colour, 16-bit and alpha images of two sizes: every decoding rule in one folder."""
+    image_tree(root, per_class=6, unlabelled=2)
+    save_image(root / "train" / "cat" / "red.png", 77, size=(12, 8), mode="RGB")
+    Image.fromarray(np.full((8, 8), 40000, dtype="<u2")).save(root / "train" / "dog" / "wide.png")
+    row_image("RGBA", [(200, 100, 50, 128)] * 64).resize((8, 8)).save(root / "test" / "dog" / "alpha.png")
+    return root
+
+
+def test_a_pool_of_processes_decodes_the_same_pixels_as_one_process(tmp_path):
+    from ptft.data import sources
+    from ptft.data.decoding import DecodeOptions, decode_files
+
+    root = mixed_tree(tmp_path / "images")
+    files = sources._image_files(root)
+    options = DecodeOptions(image_size=6)
+    alone, pooled = decode_files(files, options, workers=0), decode_files(files, options, workers=2, chunk_files=3)
+    assert alone.array().shape == (len(files), 3, 6, 6) and np.array_equal(alone.array(), pooled.array())
+    # Both equal the pixel rules applied file by file (ptft.data.images.read_image).
+    from ptft.data.images import read_image
+    expected = np.stack([read_image(path, 3, (6, 6), "crop").transpose(2, 0, 1) for path in files])
+    assert np.array_equal(alone.array(), expected)
+
+
+def test_each_image_file_is_opened_once(tmp_path, monkeypatch):
+    root = image_tree(tmp_path / "images")
+    opened, real_open = [], Image.open
+
+    def counted_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counted_open)
+    load(root)
+    assert len(opened) == len(set(opened)) == 20 + 4 + 3
+
+
+def test_a_corrupt_file_decoded_by_the_pool_is_a_data_error_naming_it(tmp_path):
+    from ptft.data import sources
+    from ptft.data.decoding import DecodeOptions, decode_files
+
+    root = image_tree(tmp_path / "images")
+    truncate(root / "train" / "dog" / "03.png")
+    with pytest.raises(DataError, match=r"^data.root: cannot read image '.*dog.03\.png' \(image file is truncated\)"):
+        decode_files(sources._image_files(root), DecodeOptions(), workers=2, chunk_files=4)
+
+
+def test_skip_bad_files_trains_on_the_rest_and_lists_the_skipped_files_on_stderr(tmp_path, ptft):
+    root = image_tree(tmp_path / "images", per_class=12)
+    (root / "train" / "cat" / "bad.png").write_bytes(b"not a png")
+    truncate(root / "train" / "dog" / "03.png")
+    data = {"name": "imagefolder", "root": str(root), "batch_size": 8, "val_fraction": 0.25}
+    config = write_yaml(tmp_path / "pre.yaml", tiny_pretrain_config(tmp_path / "pre", data=data))
+    refused = ptft("pretrain", config)
+    assert refused.code == 2 and "cannot read image" in refused.stderr and "bad.png" in refused.stderr
+    skipped = ptft("pretrain", config, "data.skip_bad_files=true", "--overwrite")
+    assert skipped.code == 0, skipped.stderr
+    assert "skipped 2 unreadable image(s) (data.skip_bad_files)" in skipped.stderr
+    assert str(root / "train" / "cat" / "bad.png") in skipped.stderr and "03.png" in skipped.stderr
+    meta = json.loads((tmp_path / "pre" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["data"]["val_size"] == 6  # 11 readable images per class, a quarter of each for validation
+
+
+def test_skipping_every_image_of_a_class_is_a_data_error_naming_the_class_folder(tmp_path):
+    root = image_tree(tmp_path / "images", per_class=2, unlabelled=0)
+    for path in (root / "train" / "cat").iterdir():
+        path.write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"no readable images in '.*train.cat' \(2 skipped"):
+        DATASETS.get("imagefolder")(root, False, skip_bad_files=True)
+
+
+def test_decoding_is_reported_on_stderr_without_a_progress_bar_when_not_a_terminal(tmp_path, ptft):
+    root = image_tree(tmp_path / "images")
+    data = {"name": "imagefolder", "root": str(root), "batch_size": 8, "val_fraction": 0.25}
+    config = write_yaml(tmp_path / "pre.yaml", tiny_pretrain_config(tmp_path / "pre", data=data))
+    result = ptft("pretrain", config, "--dry-run")
+    assert result.code == 0, result.stderr
+    assert re.search(r"decoded 27 files in \d+\.\ds", result.stderr) and "files/s" not in result.stderr
+
+
+# ---- data.resize: how a photo meets data.image_size ------------------------------------------------
+
+def three_bands(path: Path) -> None:
+    """A 24x8 grey image: black, mid-grey and white thirds, left to right."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.repeat(np.array([[0] * 8 + [128] * 8 + [255] * 8], dtype=np.uint8), 8, axis=0)).save(path)
+
+
+def test_image_size_keeps_the_centre_by_default_and_stretch_keeps_the_whole_image(tmp_path):
+    root = image_tree(tmp_path / "images", unlabelled=0)
+    three_bands(root / "train" / "dog" / "wide.png")
+    cropped, stretched = load(root, image_size=8), DATASETS.get("imagefolder")(root, False, image_size=8,
+                                                                               resize="stretch")
+    wide = [i for i, v in enumerate(cropped.train_x[:, 0, 0, 0].tolist()) if v == 128]
+    assert len(wide) == 1  # the only image whose left edge is mid-grey once cropped
+    assert cropped.train_x[wide[0], 0].unique().tolist() == [128]  # the centre square: the middle third
+    row = stretched.train_x[wide[0], 0, 0].tolist()  # the same file: decoding order does not depend on resize
+    assert row[0] == 0 and row[-1] == 255 and 0 < row[3] < 255  # all three thirds, squeezed
+
+
+def test_resize_crop_is_torchvisions_resize_of_the_shorter_side_then_centre_crop(tmp_path):
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    from ptft.data.images import read_image
+
+    path = tmp_path / "photo.png"
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 48, 3), dtype=np.uint8))  # W 48, H 30
+    photo.save(path)
+    # Shorter side 30 -> 10 makes it 16 wide; the centre 10 columns start at 3.
+    expected = np.asarray(tvf.center_crop(tvf.resize(photo, 10, interpolation=tvf.InterpolationMode.BILINEAR), 10))
+    got = read_image(path, 3, (10, 10), "crop")
+    assert got.shape == (10, 10, 3) and np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_an_unknown_resize_rule_is_refused_by_config_validation(tmp_path, ptft):
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run", data={"resize": "fit"}))
+    result = ptft("config", config)
+    assert result.code == 2 and "data.resize" in result.stderr and "expected one of 'crop', 'stretch'" in result.stderr

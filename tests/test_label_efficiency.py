@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from matplotlib import image as plt_image
 
-from conftest import REPO
+from conftest import REPO, tiny_finetune_config, write_yaml
 
 SCRIPT = REPO / "scripts" / "label_efficiency.py"
 
@@ -30,7 +31,7 @@ def test_quick_study_writes_table_plot_and_raw(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--dataset", "digits", "--methods", "scratch", "denoising",
          "--budgets", "2", "--seeds", "0", "--quick", "--jobs", "2", "--out", str(out), "--work", str(work)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = (out / "table.md").read_text()
     assert proc.stdout == table
@@ -81,3 +82,48 @@ def test_plot_draws_every_method_and_budget_to_a_png(script, tmp_path):
     rgb = (image[..., :3] * 255).astype(int).reshape(-1, 3)
     saturated = {tuple(c) for c in rgb if c.max() - c.min() > 80}
     assert len(saturated) >= 2
+
+
+def test_val_labels_per_class_holds_out_that_many_examples_of_each_class(tmp_path, ptft):
+    config = write_yaml(tmp_path / "ft.yaml", tiny_finetune_config(
+        tmp_path / "run", None, data={"val_labels_per_class": 3}, train={"max_steps": 2, "eval_every_steps": 2}))
+    result = ptft("finetune", config)
+    assert result.code == 0, result.stderr
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["data"]["val_size"] == 30 and meta["data"]["labelled_size"] == 20
+
+
+def test_quick_cross_dataset_study_has_a_column_per_dataset_and_budget(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--datasets", "digits", "--methods", "scratch", "scratch+fixmatch",
+         "--budgets", "2", "--seeds", "0", "--val-per-class", "--quick", "--jobs", "2", "--out", str(out),
+         "--work", str(work)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | digits 2 |"
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| scratch", "| scratch, val = budget", "| scratch+fixmatch", "| scratch+fixmatch, val = budget"]
+    raw = json.loads((out / "raw.json").read_text())
+    assert raw["datasets"] == ["digits"] and len(raw["runs"]) == 4
+    # The same shipped finetune config; only FixMatch and the validation split differ.
+    fixmatch = yaml.safe_load((work / "digits" / "scratch+fixmatch" / "labels2-seed0-val2" / "config.yaml").read_text())
+    assert fixmatch["finetune"]["unlabelled"] == "fixmatch" and fixmatch["data"]["val_labels_per_class"] == 2
+    plain = yaml.safe_load((work / "digits" / "scratch" / "labels2-seed0" / "config.yaml").read_text())
+    assert plain["finetune"]["unlabelled"] == "none" and plain["data"]["val_labels_per_class"] is None
+
+
+def test_cross_table_puts_datasets_side_by_side_and_marks_missing_runs(script):
+    table = script.cross_table({"digits": [("scratch", 1, 0.5, 0.0), ("vicreg", 1, 0.75, 0.05)],
+                                "mnist": [("scratch", 1, 0.25, 0.0)]}, [1], [0])
+    assert table.splitlines()[2:] == ["| method | digits 1 | mnist 1 |", "|---|---:|---:|",
+                                      "| scratch | 50.0 ± 0.0 | 25.0 ± 0.0 |", "| vicreg | 75.0 ± 5.0 | - |"]
+
+
+@pytest.mark.parametrize("argv", [["--datasets", "cifar10"], ["--datasets", "digits", "--methods", "masked"],
+                                  ["--dataset", "digits", "--methods", "vicreg"]])
+def test_unknown_datasets_or_methods_of_the_other_study_are_refused(script, argv):
+    with pytest.raises(SystemExit) as exc:
+        script.parse_args(argv)
+    assert exc.value.code == 2

@@ -88,6 +88,20 @@ def test_options_are_keyword_only_with_builtin_annotations_and_defaults():
             assert hint in plain or typing.get_origin(hint) is typing.Literal, (name, param.name, hint)
 
 
+@pytest.mark.parametrize("name", ["torchvision:convnext_tiny", "timm:vit_tiny_patch16_224"])
+def test_library_family_builders_follow_the_same_option_rules(name):
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    builder = MODELS.get(name)
+    hints = typing.get_type_hints(builder)
+    params = list(inspect.signature(builder).parameters.values())
+    assert [p.name for p in params[:2]] == ["input_shape", "num_classes"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+               for p in params[2:])
+    assert hints["head_dropout"] is float or typing.get_origin(hints["head_dropout"]) is typing.Annotated
+    assert MODELS.meta(name)["kind"] == "classifier"
+
+
 def test_autoencoder_and_classifier_of_a_family_share_option_names():
     def options(name):
         return set(list(inspect.signature(MODELS.get(name)).parameters)[2:])
@@ -246,6 +260,14 @@ def test_import_path_builder_resolves(tmp_path, monkeypatch):
 def test_importing_the_registry_imports_no_torch():
     code = ("import sys, typing, ptft.models as m; "
             "[(m.MODELS.meta(n), typing.get_type_hints(m.MODELS.get(n))) for n in m.MODELS.names()]; "
+            "m.MODELS.describe(); print(sorted(k for k in ('torch', 'torchvision') if k in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_resolving_a_torchvision_name_imports_no_torch():
+    code = ("import sys, inspect, ptft.models as m; b = m.MODELS.get('torchvision:swin_t'); inspect.signature(b); "
             "m.MODELS.describe(); print(sorted(k for k in ('torch', 'torchvision') if k in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -80,8 +80,9 @@ CASES = {
     "contrastive": (TinyAutoEncoder, {"cutout": 2, "flip": True}),
     "supervised": (TinyClassifier, {"label_smoothing": 0.1}),
     "supervised_augmented": (TinyClassifier, {"max_shift": 0.2, "max_rotation": 10.0, "cutout": 2}),
+    "vicreg": (TinyAutoEncoder, {"cutout": 2, "flip": True}),
 }
-RANDOM_CASES = ["denoising", "denoising_mask", "masked", "contrastive", "supervised_augmented"]
+RANDOM_CASES = ["denoising", "denoising_mask", "masked", "contrastive", "supervised_augmented", "vicreg"]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -107,7 +108,8 @@ def test_importing_objectives_does_not_import_torch():
 
 
 def test_builders_are_documented_with_config_options():
-    assert OBJECTIVES.names() == ["contrastive", "denoising", "masked", "reconstruction", "supervised"]
+    assert OBJECTIVES.names() == ["contrastive", "denoising", "mae", "masked", "reconstruction", "supervised",
+                                  "vicreg"]
     for name in OBJECTIVES.names():
         builder = OBJECTIVES.get(name)
         assert OBJECTIVES.describe()[name] and len(inspect.getdoc(builder).splitlines()) == 1
@@ -171,6 +173,7 @@ def prototype_batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def test_loss_falls_over_50_adam_steps(case, monkeypatch):
     # Mild views: 50 steps of a tiny MLP cannot yet match views under flips and cutout.
     monkeypatch.setitem(CASES, "contrastive", (TinyAutoEncoder, {"crop_scale": (0.8, 1.0), "max_rotation": 5.0}))
+    monkeypatch.setitem(CASES, "vicreg", (TinyAutoEncoder, {"crop_scale": (0.8, 1.0), "max_rotation": 5.0}))
     model, objective = build(case)
     x, y = prototype_batch()
     optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=0.01)

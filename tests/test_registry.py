@@ -84,3 +84,61 @@ def test_entry_point_plugins_are_listed_and_loaded_lazily(tmp_path, monkeypatch)
     # String annotations (from __future__) resolve, so config validation sees real types.
     assert inspect.signature(builder).parameters["depth"].annotation is int
     assert builder((1, 8, 8), 10, depth=5) == 5
+
+
+def widget_family(reg: Registry, members=lambda: ("small", "large"), calls: list | None = None) -> None:
+    """A `kit:<part>` family whose resolver records each call."""
+
+    @reg.register_family("kit", members=members, member="part", kind="small")
+    def kit(part: str):
+        """Any kit part."""
+        if calls is not None:
+            calls.append(part)
+        return lambda *, size=1: f"{part}:{size}"
+
+
+def test_family_members_resolve_once_through_the_family_resolver():
+    reg, calls = Registry("widget", allow_import_path=True), []
+    widget_family(reg, calls=calls)
+    assert reg.get("kit:small")(size=2) == "small:2"
+    assert reg.get("kit:small") is reg.get("kit:small") and calls == ["small"]
+    assert "kit:large" in reg and "kit:tiny" not in reg and calls == ["small", "large"]
+    assert reg.meta("kit:large") == {"kind": "small"} and reg.families() == ["kit"]
+    assert not reg.is_import_path("kit:small") and not reg.is_import_path("kit:tiny")  # never imported
+
+
+def test_a_family_is_listed_as_one_line_and_not_among_the_names():
+    reg = Registry("widget")
+    reg.add("plain", lambda: None, "A plain widget")
+    widget_family(reg)
+    assert reg.names() == ["plain"]
+    assert reg.describe() == {"kit:<part>": "Any kit part.", "plain": "A plain widget"}
+    assert reg.meta("kit:<part>") == {"kind": "small"}  # what `ptft models` shows in the kind column
+    with pytest.raises(UserError, match=r"families: kit:<part>"):
+        reg.get("plian")
+
+
+def test_unknown_family_member_lists_close_members():
+    reg = Registry("widget", allow_import_path=True)
+    widget_family(reg)
+    with pytest.raises(UserError, match=r"unknown widget 'kit:smal': kit has no part 'smal'; did you mean 'kit:small'"
+                                        r"\? Known: large, small"):
+        reg.get("kit:smal")
+
+
+def test_a_family_whose_members_cannot_be_listed_raises_its_user_error():
+    def not_installed():
+        raise UserError("kit parts need the kit package; install it with pip install 'ptft[kit]'")
+
+    reg = Registry("widget")
+    widget_family(reg, members=not_installed)
+    with pytest.raises(UserError, match=r"pip install 'ptft\[kit\]'"):
+        reg.get("kit:small")
+    assert "kit:small" not in reg
+
+
+def test_duplicate_family_is_an_error():
+    reg = Registry("widget")
+    widget_family(reg)
+    with pytest.raises(ValueError, match="duplicate widget family 'kit'"):
+        widget_family(reg)

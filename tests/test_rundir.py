@@ -1,7 +1,9 @@
-"""The run directory: one run at a time, --overwrite really replaces, resume refuses a changed schedule length."""
+"""The run directory: one layout with one owner, one run at a time, --overwrite really replaces, resume
+refuses a changed schedule length."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import time
 import pytest
 
 from conftest import REPO, tiny_pretrain_config, write_yaml
+from ptft.rundir import CHECKPOINTS_DIR, CONFIG_FILE, EVAL_DIR, EVAL_METRICS_FILE, METRICS_FILE, RunDir
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="flock, symlinks and signals")
 
@@ -82,3 +85,59 @@ def test_resume_may_extend_a_schedule_that_does_not_depend_on_the_length(tmp_pat
     extended = ptft("pretrain", config, "--resume", "train.max_steps=15")
     assert extended.code == 0, extended.stderr
     assert (tmp_path / "run" / "checkpoints" / "last").resolve().name == "step-00000015"
+
+
+def test_run_dir_paths_follow_the_documented_layout(tmp_path):
+    run = RunDir.at(tmp_path / "run")
+    assert run == RunDir(str(tmp_path / "run"))
+    root = tmp_path / "run"
+    assert (run.config, run.metrics, run.lock) == (root / "config.yaml", root / "metrics.jsonl", root / ".lock")
+    assert (run.checkpoints, run.last, run.best) == (root / "checkpoints", root / "checkpoints" / "last",
+                                                     root / "checkpoints" / "best")
+    assert run.step_dir(500) == root / "checkpoints" / "step-00000500"
+    assert run.eval_metrics("val") == root / "eval" / "val" / "metrics.json"
+    assert run.outputs == (root / "checkpoints", root / "eval", root / "metrics.jsonl")
+
+
+def test_the_run_of_a_target_is_read_from_the_path_as_written(tmp_path):
+    store = tmp_path / "scratch" / "ckpts"
+    (store / "step-00000001").mkdir(parents=True)
+    (store / "last").symlink_to("step-00000001")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(store)
+    run = tmp_path / "run"
+    for target in (run, run / "checkpoints", run / "checkpoints" / "last", run / "checkpoints" / "step-00000001",
+                   tmp_path / "run" / ".." / "run"):
+        assert RunDir.of_target(target).root == run, target
+    assert RunDir.of_target(store).root == store.parent  # a checkpoints/ dir by its pointers, not its name
+    (tmp_path / "loose").mkdir()
+    assert RunDir.of_target(tmp_path / "loose").root == tmp_path  # a step dir outside any run: eval/ beside it
+
+
+# LOCK_FILE aside: other lock files (the decode cache's) end in ".lock" too.
+RUN_DIR_NAMES = {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, EVAL_DIR, EVAL_METRICS_FILE}
+
+
+def _path_literals(path) -> list[tuple[int, str]]:
+    """String constants naming a run-dir file; docstrings, dict keys and subscripts (JSON fields) aside."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body \
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+            skip.add(id(node.body[0].value))
+        elif isinstance(node, ast.Dict):
+            skip.update(id(key) for key in node.keys if key is not None)
+        elif isinstance(node, ast.Subscript):
+            skip.add(id(node.slice))
+        elif isinstance(node, ast.JoinedStr):  # pieces of an f-string are no whole file name
+            skip.update(id(part) for part in node.values)
+    return [(node.lineno, node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and node.value in RUN_DIR_NAMES and id(node) not in skip]
+
+
+def test_only_rundir_spells_the_names_of_a_runs_files():
+    package = REPO / "ptft"
+    found = {str(path.relative_to(REPO)): hits for path in sorted(package.rglob("*.py"))
+             if path != package / "rundir.py" and (hits := _path_literals(path))}
+    assert found == {}, "ask ptft.rundir.RunDir for run-directory paths instead of spelling them"

@@ -9,6 +9,7 @@ from torch import nn
 
 from ptft import checkpoint as ckpt
 from ptft.errors import CheckpointError
+from ptft.meta import CheckpointMeta
 from ptft.weights import KeyReport, match_into, normalise_keys, read_state_dict
 
 
@@ -79,7 +80,7 @@ def test_torch_file_formats_read_to_ptft_names(tmp_path, source_state, filename,
 def test_safetensors_file_and_ptft_checkpoint(tmp_path, source_state):
     save_file({f"module.{k}": v.contiguous() for k, v in source_state.items()}, tmp_path / "w.safetensors")
     assert same_tensors(read_state_dict(tmp_path / "w.safetensors"), source_state)
-    step = ckpt.save_checkpoint(tmp_path / "run", 3, source_state, {}, {}, best=True, keep_last=1)
+    step = ckpt.save_checkpoint(tmp_path / "run", source_state, {}, CheckpointMeta(step=3), best=True, keep_last=1)
     for form in (step, tmp_path / "run", tmp_path / "run" / "checkpoints" / "best"):
         assert same_tensors(read_state_dict(form), source_state)
 
@@ -279,3 +280,69 @@ def test_resnet_stem_mismatch_names_the_small_input_option(small_input_file, sma
     message = str(info.value)
     assert "encoder.conv1.weight" in message and fix in message
     assert message.index(fix) < message.index("init.strict=false")  # the fix first, the workaround after
+
+
+class ToyLibraryNet(nn.Module):
+    """A library's classification network as its files name it: stem, block, classifier `fc`."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 7):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 2, kernel_size=3, padding=1)
+        self.block = nn.Linear(2 * 4 * 4, 4)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.stem(x).flatten(1)))
+
+
+def toy_library_classifier(in_channels: int = 1, num_classes: int = 5, renames=()) -> TinyClassifier:
+    from ptft.models.backbones import LibraryEncoder
+    from ptft.models.compose import Classifier
+
+    net = ToyLibraryNet(in_channels)
+    net.fc = nn.Identity()
+    layers = {"stem.weight": 0, "stem.bias": 0, "block.weight": 1, "block.bias": 1}
+    encoder = LibraryEncoder(net, out_features=4, layer_ids=layers, library_head="fc.", stem="stem.weight",
+                             legacy_renames=renames)
+    return Classifier(encoder, nn.Linear(4, num_classes))
+
+
+def test_library_file_maps_onto_the_encoder_and_its_classifier_onto_the_head():
+    source = seeded(ToyLibraryNet, seed=2).state_dict()  # RGB stem, 7 classes
+    model = toy_library_classifier()
+    report = match_into(model, source, load_head=False, strict=True)
+    assert report.loaded == ["encoder.stem.bias", "encoder.block.weight", "encoder.block.bias"]
+    assert report.adapted == ["encoder.stem.weight"] and report.skipped_head == ["head.weight", "head.bias"]
+    assert report.missing == report.unexpected == report.shape_mismatched == []
+    assert torch.equal(model.encoder.stem.weight, source["stem.weight"].sum(1, keepdim=True))
+    same_classes = toy_library_classifier(in_channels=3, num_classes=7)
+    match_into(same_classes, source, load_head=True, strict=True)
+    assert torch.equal(same_classes.head.weight, source["fc.weight"])
+
+
+def test_ptft_checkpoint_of_a_library_model_is_not_renamed():
+    source = seeded(toy_library_classifier, seed=3).state_dict()
+    assert sorted(source) == ["encoder.block.bias", "encoder.block.weight", "encoder.stem.bias",
+                              "encoder.stem.weight", "head.bias", "head.weight"]
+    report = match_into(toy_library_classifier(), source, load_head=True, strict=True)
+    assert report.counts() == {"loaded": 6, "adapted": 0, "skipped_head": 0, "missing": 0, "unexpected": 0,
+                               "shape_mismatched": 0}
+
+
+def test_older_library_names_are_renamed_before_matching():
+    source = {k.replace("block.", "dense."): v for k, v in seeded(ToyLibraryNet, 1, seed=4).state_dict().items()}
+    model = toy_library_classifier(renames=((r"^dense\.", "block."),))
+    report = match_into(model, source, load_head=False, strict=True)
+    assert report.unexpected == [] and "encoder.block.weight" in report.loaded
+    assert torch.equal(model.encoder.block.weight, source["dense.weight"])
+
+
+def test_position_embedding_resampling_keeps_prefix_tokens_and_smooth_grids():
+    from ptft.models.backbones import resample_position_embedding
+
+    constant = torch.cat([torch.full((1, 1, 6), -1.0), torch.full((1, 16, 6), 0.5)], dim=1)  # class token + 4x4 grid
+    resized = resample_position_embedding(constant, 1, (2, 2), torch.Size([1, 5, 6]))
+    assert resized.shape == (1, 5, 6) and torch.equal(resized[:, 0], constant[:, 0])
+    assert torch.allclose(resized[:, 1:], torch.full((1, 4, 6), 0.5))
+    assert resample_position_embedding(constant, 1, (2, 2), torch.Size([1, 5, 8])) is None  # another width
+    assert resample_position_embedding(constant[:, :-1], 1, (2, 2), torch.Size([1, 5, 6])) is None  # not square

@@ -25,6 +25,21 @@ def _device(value: str) -> str:
     return value
 
 
+_NORMALIZE_EXPECTED = "none, dataset, imagenet or {mean: [...], std: [...]} with one std > 0 per mean"
+
+
+def _normalize(value: str | dict[str, list[float]]) -> str | dict[str, list[float]]:
+    # The channel count is the data's: ptft.data.normalize checks it once the images are known.
+    if isinstance(value, str):
+        if value not in ("none", "dataset", "imagenet"):
+            raise ValueError(_NORMALIZE_EXPECTED)
+        return value
+    mean, std = value.get("mean"), value.get("std")
+    if set(value) != {"mean", "std"} or not mean or len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(_NORMALIZE_EXPECTED)
+    return value
+
+
 _LARGER_IS_BETTER = frozenset({"acc", "accuracy", "top1", "top5", "f1", "precision", "recall", "auc", "psnr", "ssim",
                                "iou", "dice"})
 _SMALLER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "nll", "error", "err", "perplexity", "ppl"})
@@ -96,12 +111,23 @@ class DataSection(_Section):
     """Download missing files; otherwise missing files are an error."""
     image_size: int | None = Field(None, ge=1)
     """imagefolder: resize every image to this size squared (null: they must all share one size)."""
+    resize: Literal["crop", "stretch"] = "crop"
+    """imagefolder with image_size: crop (shorter side to size, centre kept) or stretch (aspect ignored)."""
+    skip_bad_files: bool = False
+    """imagefolder: skip unreadable images, listing them on stderr (false: refuse, naming the file)."""
+    cache_dir: str | None = None
+    """imagefolder: the decode cache every stage and rank maps (null: $XDG_CACHE_HOME/ptft or ~/.cache/ptft)."""
+    normalize: Annotated[str | dict[str, list[float]], AfterValidator(_normalize)] = "none"
+    """(x - mean) / std per channel after augmentation: none, dataset, imagenet or {mean: [..], std: [..]}."""
     batch_size: int = Field(128, ge=1)
     """Training batch size (global: split across processes under torchrun)."""
     eval_batch_size: int = Field(1024, ge=1)
     """Batch size of validation and evaluation."""
     val_fraction: float = Field(0.1, gt=0, lt=1)
     """Fraction of the dataset's train split held out for validation."""
+    val_labels_per_class: int | None = Field(None, ge=1)
+    """Hold out this many examples per class for validation instead of val_fraction: a validation split as
+    small as a real label budget allows."""
     split_seed: int = Field(0, ge=0)
     """Seed of the validation split and the labelled subset (keep it across stages)."""
     label_fraction: float | None = Field(None, gt=0, le=1)
@@ -167,6 +193,15 @@ class FinetuneSection(_Section):
     """Learning rate of the head (default: optim.lr)."""
     layer_decay: float | None = Field(None, gt=0, le=1)
     """Layer-wise lr decay: encoder layer l of L trains at lr * layer_decay ** (L - l)."""
+    unlabelled: Literal["none", "fixmatch", "pseudo_label"] = "none"
+    """Also learn from the train split's unlabelled examples: fixmatch (confident predictions on a weak view
+    are the targets on a strong view), pseudo_label (the same on the weak view), or none."""
+    unlabelled_ratio: int = Field(7, ge=1)
+    """Unlabelled examples per labelled one in a training batch (FixMatch's mu)."""
+    confidence_threshold: float = Field(0.95, gt=0, le=1)
+    """An unlabelled example trains only where the model's largest class probability reaches this."""
+    unlabelled_weight: float = Field(1.0, ge=0)
+    """Weight of the unlabelled loss beside the supervised one (FixMatch's lambda)."""
 
     @model_validator(mode="after")
     def _consistent_freezing(self) -> FinetuneSection:
@@ -175,6 +210,10 @@ class FinetuneSection(_Section):
         if self.unfreeze_at_step is not None and self.mode == "full" and not self.freeze:
             raise _conflict(("unfreeze_at_step", "freeze"),
                             "nothing is frozen to unfreeze (mode full, freeze empty); set freeze or mode linear_probe")
+        if self.unlabelled != "none" and self.unlabelled_weight == 0:
+            raise _conflict(("unlabelled", "unlabelled_weight"),
+                            f"{self.unlabelled} with weight 0 learns nothing from unlabelled data; "
+                            "set unlabelled_weight > 0 or unlabelled: none")
         return self
 
 
@@ -236,6 +275,9 @@ class TrainSection(_Section):
     """Log the training loss every this many steps."""
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a new best checkpoint.monitor."""
+    knn_monitor: bool = False
+    """Also log val/knn_acc at every validation: k-NN accuracy (k=20) of the encoder's validation features
+    against the labelled train examples'; usable as checkpoint.monitor to pick a label-free pretraining."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:

@@ -1,7 +1,8 @@
 """The DATASETS registry and `build_data`, the one entry point stages use.
 
 A builder is `fn(root: Path, download: bool) -> DatasetTensors` (CPU tensors); one registered
-with `image_size=True` also takes `image_size: int | None` (data.image_size). Builders
+with `image_size=True` decodes image files and also takes data.image_size, data.resize,
+data.skip_bad_files and data.cache_dir as keywords. Builders
 import torch, torchvision and scikit-learn inside their body, and `build_data` is imported
 on first use, so listing datasets never imports torch.
 """
@@ -96,10 +97,12 @@ def stl10(root: Path, download: bool) -> DatasetTensors:
 
 @DATASETS.register(description="your own images: ROOT/train/<class>/*, optional test/<class>/* and unlabelled/*",
                    image_size=True)
-def imagefolder(root: Path, download: bool, image_size: int | None = None) -> DatasetTensors:
+def imagefolder(root: Path, download: bool, image_size: int | None = None, resize: str = "crop",
+                skip_bad_files: bool = False, cache_dir: str | None = None) -> DatasetTensors:
     from ptft.data import sources
 
     if download:
         raise DataError(f"data.download: imagefolder reads your own files in '{root}' and cannot download them; "
                         "set data.download=false")
-    return sources.load_imagefolder(root, image_size)
+    return sources.load_imagefolder(root, image_size, resize=resize, skip_bad_files=skip_bad_files,
+                                    cache_dir=cache_dir)

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
+
+
+class Batches(Protocol):
+    """What the training loop draws from: batch `step` is a pure function of `step`, so resuming needs only it."""
+
+    steps_per_epoch: int
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of global step `step`: x (B, C, H, W) float32 in [0, 1], y (B,) int64."""
+        ...
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +77,43 @@ class DeviceBatches:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of global step `step`: x (B, C, H, W) float32 in [0, 1], y (B,) int64."""
+        return self.slice(step, 0, self.batch_size)
+
+    def slice(self, step: int, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [offset, offset + size) of step `step`'s batch."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * self.batch_size
-        index = self.permutation(epoch)[start:start + self.batch_size]
+        start = position * self.batch_size + offset
+        index = self.permutation(epoch)[start:start + size]
         return to_float(self.x[index]), self.y[index]
+
+    def shard(self, rank: int, world_size: int) -> Batches:
+        """Rank `rank`'s slice of each batch, of `world_size` equal slices (itself for one process).
+
+        Rank r takes positions [r * b, (r + 1) * b) of the global batch, b = batch_size / world_size,
+        from the same seeded permutation on every rank: together the ranks see exactly the batch
+        a single process would.
+
+        Raises:
+            ValueError: the batch does not split into `world_size` equal slices.
+        """
+        if world_size == 1:
+            return self
+        if self.batch_size % world_size:
+            raise ValueError(f"global batch {self.batch_size} does not split over {world_size} processes")
+        size = self.batch_size // world_size
+        return _Shard(self, rank * size, size)
+
+
+class _Shard:
+    """One rank's fixed slice of every batch of a DeviceBatches (see `DeviceBatches.shard`)."""
+
+    def __init__(self, batches: DeviceBatches, offset: int, size: int):
+        self._batches, self._offset, self._size = batches, offset, size
+        self.steps_per_epoch = batches.steps_per_epoch
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of this rank at global step `step`: x (b, C, H, W) float32 in [0, 1], y (b,)."""
+        return self._batches.slice(step, self._offset, self._size)
 
 
 def iterate_eval(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,6 +9,7 @@ import torch
 
 from ptft.data import DATASETS
 from ptft.data.fingerprint import data_fingerprint
+from ptft.data.normalize import normalization_stats
 from ptft.data.splits import label_subset, train_val_split
 from ptft.data.tensors import DataBundle, DatasetTensors, TensorSplit
 from ptft.errors import DataError
@@ -27,7 +28,8 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
         device: where the tensors live for the whole run.
 
     Returns:
-        DataBundle with unlabelled / labelled / val / test splits and a fingerprint of them.
+        DataBundle with unlabelled / labelled / val / test splits, a fingerprint of them and
+        data.normalize's numbers.
 
     Raises:
         UserError: unknown dataset name. DataError: missing files, a label budget the data
@@ -35,14 +37,18 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
     """
     name = data_cfg.name
     tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download,
-                                                 **_size_option(name, data_cfg.image_size))
-    train_idx, val_idx = train_val_split(tensors.train_y, data_cfg.val_fraction, data_cfg.split_seed)
+                                                 **_image_options(name, data_cfg))
+    train_idx, val_idx = train_val_split(tensors.train_y, data_cfg.val_fraction, data_cfg.split_seed,
+                                         per_class=data_cfg.val_labels_per_class)
     if len(val_idx) == 0:
         raise _no_validation_examples(name, data_cfg.val_fraction, tensors.train_y)
     # Indices into the dataset's train set, (L,) with L <= len(train_idx).
     labelled_idx = train_idx[label_subset(tensors.train_y[train_idx], label_fraction=data_cfg.label_fraction,
                                           labels_per_class=data_cfg.labels_per_class, seed=data_cfg.split_seed)]
     unlabelled = _to_device(*_unlabelled_examples(tensors, train_idx), device)
+    # On the train split (and unlabelled images): what pretraining sees, whatever the label budget,
+    # so a finetune on the same data computes the same numbers.
+    normalization = normalization_stats(data_cfg.normalize, unlabelled.x)
     # Without a budget the labelled split is the train split: share its tensors, not a copy.
     shares_unlabelled = tensors.unlabelled_x is None and torch.equal(labelled_idx, train_idx)
     return DataBundle(
@@ -53,6 +59,7 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
         input_shape=tuple(tensors.train_x.shape[1:]),
         fingerprint=data_fingerprint(data_cfg, tensors.train_x, tensors.train_y, val_idx, labelled_idx),
+        normalization=normalization,
     )
 
 
@@ -68,10 +75,13 @@ def _no_validation_examples(name: str, val_fraction: float, train_y: torch.Tenso
                      f"and the largest class has {largest}); set data.val_fraction to at least {at_least}")
 
 
-def _size_option(name: str, image_size: int | None) -> dict:
-    """`image_size` for the builders that resize (registered with image_size=True; config
-    validation refuses it for the rest)."""
-    return {"image_size": image_size} if DATASETS.meta(name).get("image_size") else {}
+def _image_options(name: str, data_cfg) -> dict:
+    """The data.* keys of the builders that decode image files (registered with image_size=True;
+    config validation refuses image_size for the rest)."""
+    if not DATASETS.meta(name).get("image_size"):
+        return {}
+    return {"image_size": data_cfg.image_size, "resize": data_cfg.resize, "skip_bad_files": data_cfg.skip_bad_files,
+            "cache_dir": data_cfg.cache_dir}
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device) -> TensorSplit:

@@ -19,6 +19,9 @@ PIL's `convert("L")` clips 16-bit, 32-bit and float images at 255 and drops alph
 
 Values outside the range (or not finite) are a DataError naming the file and its mode, never
 saturated pixels; so is a mode with no meaning here (e.g. "LAB").
+
+Sizes: after the 8-bit conversion, an image is fitted to the size asked for by `fit` (crop the
+centre, or stretch), bilinearly.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ WIDE_MODES = {"I;16": "16-bit integer", "I;16L": "16-bit integer", "I;16B": "16-
 ALPHA_MODES = ("LA", "PA", "RGBA")
 TIFF_MIN_SAMPLE_VALUE, TIFF_MAX_SAMPLE_VALUE = 280, 281  # TIFF tags: the range a file's samples span
 SIXTEEN_BIT_MAX = 65535
+# How an image is fitted to data.image_size: see `fit`.
+RESIZE_RULES = ("crop", "stretch")
+# Bumped whenever a rule here changes what a file decodes to: decode caches keyed by it go stale.
+RULES_VERSION = 1
 
 
 def channels_of(path: Path, mode: str) -> int:
@@ -53,23 +60,48 @@ def channels_of(path: Path, mode: str) -> int:
                     f"pixels (it reads modes {', '.join(GREY_MODES + COLOUR_MODES)}); save it as RGB")
 
 
-def read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """One image file as uint8 pixels (H, W, channels), resized bilinearly to `size` (W, H), aspect ignored.
+def read_image(path: Path, channels: int | None, size: tuple[int, int] | None,
+               resize: str = "stretch") -> np.ndarray:
+    """One image file as uint8 pixels (H, W, channels), opened once, fitted to `size` (W, H) by `resize`.
 
     Grey images are replicated into RGB; colour ones become grey by PIL's luma (convert("L")).
+    `channels` None keeps the image's own (1 for a grey mode, 3 for a colour one); `size` None
+    keeps its size. `resize` is one of RESIZE_RULES (see `fit`).
 
     Raises:
         DataError: an unknown mode, or values outside the image's range (the message names the file).
         OSError: a file PIL cannot decode.
     """
     with Image.open(path) as image:
-        channels_of(path, image.mode)
-        pixels = _eight_bit(image, path).convert("L" if channels == 1 else "RGB")
-    if pixels.size != size:
-        # After the 8-bit conversion, so wide samples are scaled once, exactly, before interpolation.
-        pixels = pixels.resize(size, Image.Resampling.BILINEAR)
-    width, height = size
-    return np.asarray(pixels).reshape(height, width, channels)
+        own_channels = channels_of(path, image.mode)
+        pixels = _eight_bit(image, path).convert("L" if (channels or own_channels) == 1 else "RGB")
+    # After the 8-bit conversion, so wide samples are scaled once, exactly, before interpolation.
+    pixels = fit(pixels, size, resize)
+    width, height = pixels.size
+    return np.asarray(pixels).reshape(height, width, len(pixels.getbands()))
+
+
+def fit(pixels: Image.Image, size: tuple[int, int] | None, resize: str) -> Image.Image:
+    """`pixels` resampled bilinearly to `size` (W, H); None or the same size leaves them as they are.
+
+    stretch: the whole image, its aspect ratio ignored. crop: the largest centred region of
+    `size`'s aspect ratio, which is what resizing the shorter side and cropping the centre
+    keeps, resampled in one pass (no rounding of an intermediate size).
+    """
+    if size is None or pixels.size == tuple(size):
+        return pixels
+    if resize not in RESIZE_RULES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_RULES)}, got {resize!r}")
+    box = _centre_box(pixels.size, size) if resize == "crop" else None
+    return pixels.resize(tuple(size), Image.Resampling.BILINEAR, box=box)
+
+
+def _centre_box(source: tuple[int, int], target: tuple[int, int]) -> tuple[float, float, float, float]:
+    (width, height), (target_width, target_height) = source, target
+    scale = min(width / target_width, height / target_height)  # source pixels per target pixel
+    crop_width, crop_height = target_width * scale, target_height * scale
+    left, top = (width - crop_width) / 2, (height - crop_height) / 2
+    return left, top, left + crop_width, top + crop_height
 
 
 def _eight_bit(image: Image.Image, path: Path) -> Image.Image:

@@ -9,10 +9,14 @@ generic RuntimeError.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+from ptft.console import note
+from ptft.data.cache import cached_decode
+from ptft.data.decoding import DecodeOptions, decode_files
 from ptft.data.splits import train_val_split
 from ptft.data.tensors import DatasetTensors
 from ptft.errors import DataError
@@ -153,48 +157,87 @@ def load_stl10(root: Path, download: bool) -> DatasetTensors:
                           unlabelled_x=_images(unlabelled.data))
 
 
-def load_imagefolder(root: Path, image_size: int | None) -> DatasetTensors:
+def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str = "crop", skip_bad_files: bool = False,
+                     cache_dir: Path | None = None) -> DatasetTensors:
     """A user's images, uint8 (N, C, H, W): classes are the sorted folder names under `root/train`.
 
     `root/test/<class>/` is the test split when present, otherwise a fixed stratified 20% of
     train (as for digits). Images anywhere under `root/unlabelled/` join pretraining without
     labels. Images are grey (C = 1) when every one is greyscale, RGB (C = 3) otherwise, and are
-    resized to `image_size` squared when it is set; without it they must all share one size.
-    `ptft.data.images` says what a pixel of each PIL mode becomes (16-bit, float, alpha, ...).
+    fitted to `image_size` squared by `resize` when it is set; without it they must all share one
+    size. `ptft.data.images` says what a pixel of each PIL mode becomes (16-bit, float, alpha, ...).
+    Files are decoded on every core once, then mapped from the decode cache in `cache_dir`
+    (`ptft.data.cache`) by every later stage, run and torchrun rank.
 
     Raises:
-        DataError: a missing train folder, a class without images, a test class unknown to
-            train, an unreadable image, a mode or pixel values with no meaning in 0..255, or
-            mixed sizes without `image_size` (each names the path).
+        DataError: a missing train folder, a class without (readable) images, a test class unknown
+            to train, an unreadable image (unless `skip_bad_files`), a mode or pixel values with no
+            meaning in 0..255, or mixed sizes without `image_size` (each names the path).
     """
-    train_dir, test_dir, unlabelled_dir = root / "train", root / "test", root / "unlabelled"
-    if not train_dir.is_dir():
-        raise DataError(f"data.root: no 'train' folder in '{root}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
-    classes = sorted(folder.name for folder in train_dir.iterdir() if folder.is_dir())
-    if not classes:
-        raise DataError(f"data.root: no class folders in '{train_dir}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
-    train_files, train_y = _class_images(train_dir, classes)
-    test_files, test_y = _class_images(test_dir, classes) if test_dir.is_dir() else ([], [])
-    unlabelled_files = _image_files(unlabelled_dir) if unlabelled_dir.is_dir() else []
+    classes, (train_files, train_y), (test_files, test_y), unlabelled_files = _folder_listing(root)
     files = train_files + test_files + unlabelled_files
-    images = _decode_images(files, image_size, root)
-    n_train, n_test = len(train_files), len(test_files)
+    images, bad = _decoded_folder(files, root, DecodeOptions(image_size, resize, skip_bad_files), cache_dir)
+    _require_readable_classes(root / "train", classes, train_y, bad)
+    # `images` holds the readable files alone, in file order: keep their labels.
+    train_y = [label for i, label in enumerate(train_y) if i not in bad]
+    test_y = [label for i, label in enumerate(test_y, start=len(train_files)) if i not in bad]
+    n_train, n_test = len(train_y), len(test_y)
     train_x, test_x = images[:n_train], images[n_train:n_train + n_test]
-    unlabelled_x = images[n_train + n_test:] if unlabelled_files else None
+    unlabelled_x = images[n_train + n_test:] if len(images) > n_train + n_test else None
     train_y, test_y = torch.tensor(train_y, dtype=torch.long), torch.tensor(test_y, dtype=torch.long)
-    if not test_files:
+    if not n_test:
         train_idx, test_idx = train_val_split(train_y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
         train_x, test_x, train_y, test_y = train_x[train_idx], train_x[test_idx], train_y[train_idx], train_y[test_idx]
     return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
                           unlabelled_x=unlabelled_x)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:
+    """(classes, (train files, labels), (test files, labels), unlabelled files) of an imagefolder root."""
+    train_dir, test_dir, unlabelled_dir = root / "train", root / "test", root / "unlabelled"
+    if not train_dir.is_dir():
+        raise DataError(f"data.root: no 'train' folder in '{root}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
+    classes = sorted(folder.name for folder in train_dir.iterdir() if folder.is_dir())
+    if not classes:
+        raise DataError(f"data.root: no class folders in '{train_dir}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
+    test = _class_images(test_dir, classes) if test_dir.is_dir() else ([], [])
+    unlabelled_files = _image_files(unlabelled_dir) if unlabelled_dir.is_dir() else []
+    return classes, _class_images(train_dir, classes), test, unlabelled_files
+
+
+def _decoded_folder(files: list[str], root: Path, options: DecodeOptions,
+                    cache_dir: Path | None) -> tuple[torch.Tensor, dict[int, str]]:
+    """(images (K, C, H, W) uint8 of the K readable files, {file index: why unreadable}); skipped files listed."""
+    images, bad = cached_decode(files, root, options, cache_dir)
+    if bad:
+        listed = "\n".join(f"  {reason.removeprefix('data.root: ')}" for reason in bad.values())
+        note(f"skipped {len(bad)} unreadable image(s) (data.skip_bad_files):\n{listed}")
+    return torch.from_numpy(images), bad
+
+
+def _require_readable_classes(train_dir: Path, classes: list[str], train_y: list[int], bad: dict) -> None:
+    """Every class keeps a readable training image once the unreadable ones are skipped."""
+    # Train files come first among the decoded files: index i of train_y is file i.
+    readable = {label for i, label in enumerate(train_y) if i not in bad}
+    for label, name in enumerate(classes):
+        if label not in readable:
+            raise DataError(f"data.root: no readable images in '{train_dir / name}' ({train_y.count(label)} skipped "
+                            "as unreadable, data.skip_bad_files); fix or remove them")
+
+
+def _image_files(folder: Path) -> list[str]:
     """Image files under `folder`, at any depth, in sorted order (so the dataset order is stable)."""
-    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    # os.walk reads each directory once and tells files from folders without a stat per file, and
+    # plain strings skip building a Path per file: listing a large folder on a cache hit is cheap.
+    found = []
+    for directory, _, names in os.walk(folder, followlinks=True):
+        found += [os.path.join(directory, name) for name in names
+                  if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda path: path.split(os.sep))  # part by part, as Paths sort: 'a/x' < 'a-b/x'
 
 
-def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+
+def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """(files, labels) of `split_dir/<class>/...` for each of `classes`."""
     unknown = sorted({folder.name for folder in split_dir.iterdir() if folder.is_dir()} - set(classes))
     if unknown:
@@ -211,40 +254,6 @@ def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[Path], list
     return files, labels
 
 
-def _decode_images(files: list[Path], image_size: int | None, root: Path) -> torch.Tensor:
-    """Decode every file into one uint8 (N, C, H, W) tensor (grey or RGB, one size; see `images`)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from ptft.data import images
-
-    def unreadable(path: Path, exc: Exception) -> DataError:
-        return DataError(f"data.root: cannot read image '{path}' ({exc})")
-
-    headers = []  # (channels, size) from each file's header: cheap, and fixes C and H x W before decoding
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                headers.append((images.channels_of(path, image.mode), image.size))
-        # PIL refuses images of over 2 * Image.MAX_IMAGE_PIXELS pixels as decompression bombs.
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise unreadable(path, exc) from None
-    channels = max(header_channels for header_channels, _ in headers)  # colour anywhere makes every image RGB
-    if image_size is not None:
-        size = (image_size, image_size)
-    else:
-        sizes = {header_size: path for path, (_, header_size) in zip(files, headers)}
-        if len(sizes) > 1:
-            (first, a), (second, b) = list(sizes.items())[:2]
-            raise DataError(f"data.image_size: images in '{root}' differ in size ('{a}' is {first[0]}x{first[1]}, "
-                            f"'{b}' is {second[0]}x{second[1]}); set data.image_size to resize them all")
-        size = headers[0][1]
-    width, height = size
-    out = np.empty((len(files), height, width, channels), dtype=np.uint8)
-    for i, path in enumerate(files):
-        # A readable header does not make a readable file: a truncated one fails only here.
-        try:
-            out[i] = images.read_image(path, channels, size)
-        except OSError as exc:
-            raise unreadable(path, exc) from None
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+def _decode_images(files: list[str], image_size: int | None, root: Path, resize: str = "crop") -> torch.Tensor:
+    """Decode every file into one uint8 (N, C, H, W) tensor (grey or RGB, one size; see `decoding`), no cache."""
+    return torch.from_numpy(decode_files(files, DecodeOptions(image_size, resize)).array())

@@ -11,7 +11,8 @@ import torch
 from ptft.errors import DataError
 
 
-def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int,
+                    per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split example indices into train and validation, class by class.
 
     Args:
@@ -19,6 +20,8 @@ def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tup
         val_fraction: share of each class that goes to validation (rounded half up per class),
             at most all but one of its examples.
         seed: seeds the choice; the same seed and labels give the same indices.
+        per_class: when set, this many examples of each class go to validation instead of
+            `val_fraction` (at most all but one): a validation split as small as the label budget.
 
     Returns:
         (train_idx, val_idx): disjoint sorted int64 index tensors that together cover 0..N-1;
@@ -27,7 +30,8 @@ def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tup
     counts = torch.bincount(labels)
     # Half of a 1-example class rounds up to all of it: the class would vanish from training and,
     # silently, from every labelled subset drawn from it.
-    quota = torch.minimum(_share_of_each_class(counts, val_fraction), (counts - 1).clamp(min=0))
+    wanted = torch.full_like(counts, per_class) if per_class is not None else _share_of_each_class(counts, val_fraction)
+    quota = torch.minimum(wanted, (counts - 1).clamp(min=0))
     val_idx, train_idx = _stratified_pick(labels, quota, seed)
     return train_idx, val_idx
 

@@ -45,3 +45,5 @@ class DataBundle:
     class_names: list[str]
     input_shape: tuple[int, int, int]  # (C, H, W)
     fingerprint: dict  # see ptft.data.fingerprint: dataset identity, split settings, index-set hashes
+    # data.normalize's numbers, {"mean": [C], "std": [C]} for pixels in [0, 1], or None (ptft.data.normalize)
+    normalization: dict | None = None

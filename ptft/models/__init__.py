@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from ptft.models import backbone_names
 from ptft.registry import Registry
 
 MODELS = Registry("model", entry_point_group="ptft.models", allow_import_path=True)
@@ -26,6 +27,11 @@ Activation = Literal["relu", "gelu", "silu"]
 Size = Annotated[int, Field(ge=1)]
 Sizes = Annotated[list[Size], Field(min_length=1)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
+
+
+def build_model(model_cfg, input_shape, num_classes: int):
+    """The registry's model named by `model_cfg` (a config's `model:` section), with its options, on the CPU."""
+    return MODELS.get(model_cfg.name)(tuple(input_shape), num_classes, **model_cfg.options)
 
 
 def summarize(model) -> list[tuple[str, int]]:
@@ -194,3 +200,41 @@ def resnet18_encoder(input_shape: tuple[int, int, int], num_classes: int, *, sma
     from ptft.models import compose, resnet
 
     return compose.EncoderOnly(resnet.ResNetEncoder("resnet18", input_shape[0], small_input))
+
+
+# ---- Library backbones: torchvision:<architecture>, timm:<name> (keys: encoder.<library name>) ---
+# A family resolves each member to a builder of its own, so the config validates the options of
+# `torchvision:vit_b_16` like any registered model's. See models/torchvision_backbones.py.
+
+def _family_builder(build, name: str, description: str):
+    build.__name__ = build.__qualname__ = name.replace(":", "_")
+    build.__doc__ = description
+    return _checked(build)
+
+
+@MODELS.register_family("torchvision", members=backbone_names.torchvision_names, member="architecture",
+                        kind="classifier")
+def torchvision_classifier(arch: str):
+    """Any torchvision classification network, e.g. torchvision:convnext_tiny (random init) + linear head."""
+
+    def build(input_shape: tuple[int, int, int], num_classes: int, *, small_input: bool = False,
+              head_dropout: Dropout = 0.0):
+        from ptft.models import compose, torchvision_backbones
+
+        encoder = torchvision_backbones.torchvision_encoder(arch, input_shape, small_input)
+        return compose.classifier(encoder, num_classes, head_dropout)
+
+    return _family_builder(build, f"torchvision:{arch}", f"torchvision {arch} (random init) with a linear head; "
+                                                         "small_input: less stem downsampling for 28-64 px images")
+
+
+@MODELS.register_family("timm", members=backbone_names.timm_names, kind="classifier")
+def timm_classifier(name: str):
+    """Any timm.list_models() name, e.g. timm:vit_small_patch16_224 (random init) + linear head; ptft[timm] extra."""
+
+    def build(input_shape: tuple[int, int, int], num_classes: int, *, head_dropout: Dropout = 0.0):
+        from ptft.models import compose, timm_backbones
+
+        return compose.classifier(timm_backbones.timm_encoder(name, input_shape), num_classes, head_dropout)
+
+    return _family_builder(build, f"timm:{name}", f"timm {name} (random init) with a linear head")

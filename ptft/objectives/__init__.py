@@ -20,6 +20,54 @@ from ptft.registry import Registry
 OBJECTIVES = Registry("objective")
 
 Noise = Literal["gaussian", "mask"]
+Preset = Literal["custom", "auto", "grey", "grey_objects", "rgb", "simclr_rgb"]
+
+# Strengths of the two views of contrastive and vicreg, per kind of image. grey: digits and
+# glyphs (no mirror: a mirrored 2 is no digit; crops keep half a glyph, a quarter is often another
+# one); grey_objects: clothes and shapes, which stay what they are mirrored; rgb: photos (small
+# crops and mirrors, SimCLR's geometry); simclr_rgb (contrastive): SimCLR's ImageNet recipe, its
+# colour and blur ops added by ptft.objectives.contrastive. The options left out keep the builders' defaults.
+PRESETS = {
+    "grey": {"crop_scale": (0.5, 1.0), "max_rotation": 15.0, "max_shift": 0.1, "noise_std": 0.05, "flip": False},
+    "grey_objects": {"crop_scale": (0.5, 1.0), "max_rotation": 10.0, "max_shift": 0.1, "noise_std": 0.05,
+                     "flip": True},
+    "rgb": {"crop_scale": (0.2, 1.0), "max_rotation": 0.0, "max_shift": 0.0, "noise_std": 0.0, "flip": True},
+    "simclr_rgb": {"crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "max_rotation": 0.0, "max_shift": 0.0,
+                   "noise_std": 0.0, "flip": True},
+}
+VIEW_OPTIONS = ("crop_scale", "crop_ratio", "max_rotation", "max_shift", "noise_std", "cutout", "flip")
+
+
+def resolve_preset(preset: str, input_shape: tuple[int, int, int]) -> str:
+    """The preset `auto` stands for: rgb for 3 channels, else grey. (C, H, W) cannot tell a digit
+    from a shirt, so grey images get the preset that is safe for both (no mirror images)."""
+    if preset != "auto":
+        return preset
+    return "rgb" if input_shape[0] == 3 else "grey"
+
+
+def _view_options(objective: str, preset: str, input_shape: tuple[int, int, int], given: dict) -> dict:
+    """The view options a builder uses: `given` for preset custom, else the preset's over the defaults.
+
+    Raises:
+        UserError: a view option set away from its default beside a preset, which would ignore it.
+    """
+    if preset == "custom":
+        return given
+    import inspect
+
+    # Through the registry: importing ptft.objectives.<name> rebinds the package attribute to the module.
+    parameters = inspect.signature(OBJECTIVES.get(objective)).parameters
+    defaults = {name: p.default for name, p in parameters.items() if name in given}
+    changed = sorted(k for k, v in given.items() if _plain(v) != _plain(defaults[k]))
+    if changed:
+        raise UserError(f"objective.{changed[0]}: set beside objective.preset {preset!r}, which chooses the view "
+                        f"options ({', '.join(VIEW_OPTIONS)}); set preset: custom to use your own")
+    return {**given, **PRESETS[resolve_preset(preset, input_shape)]}
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 # Validation batch size of the objectives whose loss depends on the batching: contrastive (the
 # negatives are the rest of the batch) and those that draw noise per call (which example gets
@@ -97,7 +145,8 @@ def masked(model, input_shape: tuple[int, int, int], *, patch_size: int = 2, mas
 def contrastive(model, input_shape: tuple[int, int, int], *, temperature: float = 0.2, projector_dim: int = 64,
                 hidden_dim: int = 256, crop_scale: tuple[float, float] = (0.5, 1.0),
                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), max_rotation: float = 15.0,
-                max_shift: float = 0.1, noise_std: float = 0.05, cutout: int = 0, flip: bool = False):
+                max_shift: float = 0.1, noise_std: float = 0.05, cutout: int = 0, flip: bool = False,
+                preset: Preset = "custom"):
     """SimCLR: NT-Xent between projected encoder features of two augmented views (own projector)."""
     from ptft.objectives.contrastive import Contrastive
 
@@ -105,8 +154,42 @@ def contrastive(model, input_shape: tuple[int, int, int], *, temperature: float 
     _require(temperature > 0, "temperature", "a temperature > 0", temperature)
     _require(projector_dim >= 1, "projector_dim", "an integer >= 1", projector_dim)
     _require(hidden_dim >= 1, "hidden_dim", "an integer >= 1", hidden_dim)
-    augment = _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip)
+    views = _view_options("contrastive", preset, input_shape, dict(
+        crop_scale=crop_scale, crop_ratio=crop_ratio, max_rotation=max_rotation, max_shift=max_shift,
+        noise_std=noise_std, cutout=cutout, flip=flip))
+    augment = _augment(input_shape, **views)
+    if preset == "simclr_rgb":
+        from ptft.objectives.contrastive import with_simclr_colour
+
+        augment = with_simclr_colour(augment, input_shape)
     return Contrastive(model.encoder.out_features, augment, temperature, hidden_dim, projector_dim)
+
+
+@OBJECTIVES.register(model_kinds=("autoencoder", "classifier", "encoder"))
+def vicreg(model, input_shape: tuple[int, int, int], *, projector_dim: int = 128, hidden_dim: int = 256,
+           invariance_weight: float = 25.0, variance_weight: float = 25.0, covariance_weight: float = 1.0,
+           crop_scale: tuple[float, float] = (0.5, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+           max_rotation: float = 15.0, max_shift: float = 0.1, noise_std: float = 0.05, cutout: int = 0,
+           flip: bool = False, preset: Preset = "custom"):
+    """VICReg: invariance, variance and covariance terms on projected features of two views (no negatives)."""
+    from ptft.objectives.vicreg import VICReg
+
+    _require_model("vicreg", model, ("autoencoder", "classifier", "encoder"))
+    _require(projector_dim >= 2, "projector_dim", "an integer >= 2 (covariance needs two dimensions)", projector_dim)
+    _require(hidden_dim >= 1, "hidden_dim", "an integer >= 1", hidden_dim)
+    for key, weight in (("invariance_weight", invariance_weight), ("variance_weight", variance_weight),
+                        ("covariance_weight", covariance_weight)):
+        _require(weight >= 0, key, "a weight >= 0", weight)
+    views = _view_options("vicreg", preset, input_shape, dict(
+        crop_scale=crop_scale, crop_ratio=crop_ratio, max_rotation=max_rotation, max_shift=max_shift,
+        noise_std=noise_std, cutout=cutout, flip=flip))
+    augment = _augment(input_shape, **views)
+    if preset == "simclr_rgb":
+        from ptft.objectives.contrastive import with_simclr_colour
+
+        augment = with_simclr_colour(augment, input_shape)
+    return VICReg(model.encoder.out_features, augment, hidden_dim, projector_dim,
+                  invariance_weight, variance_weight, covariance_weight)
 
 
 def _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip):
@@ -131,7 +214,7 @@ def _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise
 def supervised(model, input_shape: tuple[int, int, int], *, label_smoothing: float = 0.0,
                crop_scale: tuple[float, float] = (1.0, 1.0), crop_ratio: tuple[float, float] = (1.0, 1.0),
                max_rotation: float = 0.0, max_shift: float = 0.0, noise_std: float = 0.0, cutout: int = 0,
-               flip: bool = False):
+               flip: bool = False, class_weights: Literal["balanced"] | list[float] | None = None):
     """Softmax cross-entropy on labels (supervised pretraining, every finetuning run), optionally augmented."""
     # The augmentation options are contrastive's, all off by default. They apply to training
     # batches only: validation and evaluation see the images as they are.
@@ -140,4 +223,27 @@ def supervised(model, input_shape: tuple[int, int, int], *, label_smoothing: flo
     _require_model("supervised", model, ("classifier",))
     _require(0 <= label_smoothing < 1, "label_smoothing", "a value in [0, 1)", label_smoothing)
     augment = _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip)
-    return Supervised(label_smoothing, augment if augment.changes_images else None)
+    # class_weights: "balanced" is set from the labelled subset by Supervised.fit_class_weights;
+    # a list is checked here against the classifier's outputs (known only once the model is built).
+    return Supervised(label_smoothing, augment if augment.changes_images else None, class_weights,
+                      model.head.out_features)
+
+
+@OBJECTIVES.register(model_kinds=("classifier", "encoder"))
+def mae(model, input_shape: tuple[int, int, int], *, mask_ratio: float = 0.75, decoder_dim: int = 128,
+        decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True):
+    """MAE for ViTs: encode the visible patches only, a light decoder predicts the masked patches' pixels."""
+    from ptft.objectives.mae import MAE
+
+    _require_model("mae", model, ("classifier", "encoder"))
+    tokens = getattr(model.encoder, "patch_tokens", None)
+    if tokens is None:
+        raise UserError("objective 'mae' masks patches in token space, so it needs a ViT encoder (model.name "
+                        "torchvision:vit_b_16 or a timm ViT such as timm:vit_tiny_patch16_224); for other models "
+                        "use 'masked' with an autoencoder, 'contrastive' or 'vicreg'")
+    _require(0 < mask_ratio < 1, "mask_ratio", "a fraction of patches in (0, 1)", mask_ratio)
+    _require(decoder_dim >= 1 and decoder_depth >= 1, "decoder_dim", "decoder_dim and decoder_depth >= 1",
+             (decoder_dim, decoder_depth))
+    _require(decoder_heads >= 1 and decoder_dim % decoder_heads == 0, "decoder_heads",
+             f"a divisor of decoder_dim {decoder_dim}", decoder_heads)
+    return MAE(tokens, input_shape[0], mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss)

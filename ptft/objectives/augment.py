@@ -1,4 +1,4 @@
-"""Batched image augmentations on the training device.
+"""Batched image augmentations on the training device: geometry, colour and photometric ops.
 
 Every function maps a (N, C, H, W) float batch to a new batch of the same shape, dtype and
 device, drawing all its randomness from the `generator` it is given (a `torch.Generator` on
@@ -127,13 +127,159 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tens
     return x.masked_fill(hidden[:, None], 0.0)
 
 
+# ---- colour and photometric ops ------------------------------------------------------------------
+# Each takes per-image parameters (N,) and equals torchvision.transforms.v2.functional's op applied
+# image by image (tests/test_augment.py holds them to it). Grey (C = 1) batches have no hue or
+# saturation: those ops, and grayscale, leave them as they are, as torchvision's do.
+
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, torchvision's rgb_to_grayscale weights
+
+
+def _per_image(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return values.to(x.dtype).view(-1, 1, 1, 1)  # (N,) -> (N, 1, 1, 1), broadcast over C, H, W
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    ratio = _per_image(ratio, x)
+    return (ratio * x + (1.0 - ratio) * other).clamp(0.0, 1.0)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) grey."""
+    r, g, b = x.unbind(dim=1)
+    return (r * LUMA[0] + g * LUMA[1] + b * LUMA[2]).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply image i by factor[i] (0: black, 1: unchanged)."""
+    return (x * _per_image(factor, x)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend image i with its mean grey level by factor[i] (0: flat grey, 1: unchanged)."""
+    grey = _luma(x) if x.shape[1] == 3 else x
+    return _blend(x, grey.mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend image i with its own grey version by factor[i] (0: grey, 1: unchanged)."""
+    return x if x.shape[1] == 1 else _blend(x, _luma(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate image i's hue by shift[i] turns, in [-0.5, 0.5] (through HSV, as PIL and torchvision)."""
+    if x.shape[1] == 1:
+        return x
+    hue, saturation, value = _rgb_to_hsv(x)
+    hue = (hue + shift.to(x.dtype).view(-1, 1, 1)).remainder(1.0)
+    return _hsv_to_rgb(hue, saturation, value)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) -> hue in [0, 1), saturation, value: each (N, H, W). PIL's algorithm."""
+    r, g, b = x.unbind(dim=1)
+    low, high = torch.aminmax(x, dim=1)
+    grey = high == low  # hue and saturation are 0 there; ones in the denominators avoid 0 / 0
+    spread = high - low
+    saturation = spread / torch.where(grey, torch.ones_like(high), high)
+    spread = torch.where(grey, torch.ones_like(spread), spread)
+    rc, gc, bc = (high - r) / spread, (high - g) / spread, (high - b) / spread
+    hue = torch.where(high == r, bc - gc, torch.where(high == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    return (hue / 6.0 + 1.0).fmod(1.0), saturation, high
+
+
+def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_rgb_to_hsv`: three (N, H, W) -> (N, 3, H, W)."""
+    sector = torch.floor(hue * 6.0)
+    within = hue * 6.0 - sector
+    sector = sector.long().remainder(6)  # (N, H, W): which sixth of the colour wheel
+    p = (value * (1.0 - saturation)).clamp(0.0, 1.0)
+    q = (value * (1.0 - saturation * within)).clamp(0.0, 1.0)
+    t = (value * (1.0 - saturation * (1.0 - within))).clamp(0.0, 1.0)
+    candidates = torch.stack([value, p, q, t], dim=1)  # (N, 4, H, W)
+    # Per sector, which candidate each of R, G, B takes: (3, 6) rows R, G, B.
+    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=hue.device)
+    pick = table[:, sector].movedim(0, 1)  # (N, 3, H, W)
+    return candidates.gather(1, pick)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """RGB images as grey ones replicated in R, G and B (C stays 3); grey images unchanged."""
+    return x if x.shape[1] == 1 else _luma(x).expand_as(x).contiguous()
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur image i with a `kernel_size` (odd) Gaussian of std sigma[i] pixels, reflecting at the borders."""
+    n, c, height, width = x.shape
+    reach = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    offsets = torch.linspace(-reach, reach, kernel_size, dtype=x.dtype, device=x.device)  # (K,)
+    kernels = torch.softmax(-(offsets / sigma.to(x.dtype).view(-1, 1)).square(), dim=1)  # (N, K), rows sum to 1
+    kernels = kernels.repeat_interleave(c, dim=0)  # (N * C, K): one per image and channel
+    half = kernel_size // 2
+    # Separable: rows then columns, each image-channel its own group.
+    out = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
+    out = F.conv2d(out, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
+    out = F.conv2d(out, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return out.view(n, c, height, width)
+
+
+def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Invert every value at or above `threshold`."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def _chosen(p: float, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, 1, 1, 1) bool: which images an op with probability `p` applies to."""
+    return (torch.rand(len(x), generator=generator, device=x.device) < p).view(-1, 1, 1, 1)
+
+
+def color_jitter(x: torch.Tensor, strengths: tuple[float, float, float, float], p: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """With probability `p` per image, brightness, contrast, saturation then hue, each by its own
+    random factor: 1 +- strength (hue: +- strength turns) per image, as torchvision's ColorJitter
+    draws them (which applies them in a random order; here the order is fixed)."""
+    brightness, contrast, saturation, hue = strengths
+    apply = _chosen(p, x, generator)
+    factors = [_uniform(len(x), max(0.0, 1 - strength), 1 + strength, generator, x.device)
+               for strength in (brightness, contrast, saturation)]
+    shift = _uniform(len(x), -hue, hue, generator, x.device)
+    out = adjust_hue(adjust_saturation(adjust_contrast(adjust_brightness(x, factors[0]), factors[1]), factors[2]),
+                     shift)
+    return torch.where(apply, out, x)
+
+
+def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Make each image grey with probability `p`."""
+    return torch.where(_chosen(p, x, generator), grayscale(x), x)
+
+
+def random_gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: tuple[float, float], p: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """Blur each image with probability `p`, its sigma uniform in `sigma`."""
+    apply = _chosen(p, x, generator)
+    sigmas = _uniform(len(x), sigma[0], sigma[1], generator, x.device)
+    return torch.where(apply, gaussian_blur(x, kernel_size, sigmas), x)
+
+
+def random_solarize(x: torch.Tensor, threshold: float, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Solarize each image with probability `p`."""
+    return torch.where(_chosen(p, x, generator), solarize(x, threshold), x)
+
+
+def blur_kernel_for(side: int) -> int:
+    """SimCLR's blur kernel: 10% of the image side, odd, at least 3 (23 for 224 px)."""
+    size = int(0.1 * side)
+    return max(3, size + 1 - size % 2)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Random views of a batch from augmentation strengths.
 
-    Crop, rotation and translation share one resampling; flip, cutout and noise follow. Zero
-    strengths (scale (1, 1), ratio (1, 1), 0 degrees, 0 shift, p 0, size 0, std 0) leave the
-    batch unchanged.
+    Crop, rotation and translation share one resampling; flip, colour jitter, grayscale, blur,
+    solarize, cutout and noise follow, in that order (SimCLR's). Zero strengths (scale (1, 1),
+    ratio (1, 1), 0 degrees, 0 shift, p 0, size 0, std 0, jitter 0) leave the batch unchanged.
 
     Args:
         crop_scale: area fraction range of random resized crops.
@@ -143,6 +289,12 @@ class Augment:
         flip_p: probability of a left-right mirror.
         cutout: side of the zeroed square in pixels (0: none).
         noise_std: standard deviation of additive Gaussian noise (0: none).
+        brightness, contrast, saturation: colour jitter factors drawn in 1 +- each (0: none).
+        hue: colour jitter hue shift drawn in +- this many turns, at most 0.5 (0: none).
+        jitter_p: probability of colour jitter per image.
+        grayscale_p: probability of turning an RGB image grey.
+        blur_p: probability of a Gaussian blur, of `blur_kernel` pixels and std in `blur_sigma`.
+        solarize_p: probability of inverting the values at or above `solarize_threshold`.
     """
 
     crop_scale: tuple[float, float] = (1.0, 1.0)
@@ -152,6 +304,17 @@ class Augment:
     flip_p: float = 0.0
     cutout: int = 0
     noise_std: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    jitter_p: float = 1.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_kernel: int = 3
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
 
     @property
     def changes_images(self) -> bool:
@@ -166,8 +329,21 @@ class Augment:
         x = apply_affine(x, matrices)
         if self.flip_p > 0:
             x = horizontal_flip(x, self.flip_p, generator)
+        x = self._photometric(x, generator)
         if self.cutout > 0:
             x = cutout(x, self.cutout, generator)
         if self.noise_std > 0:
             x = gaussian_noise(x, self.noise_std, generator)
+        return x
+
+    def _photometric(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        jitter = (self.brightness, self.contrast, self.saturation, self.hue)
+        if any(jitter) and self.jitter_p > 0:
+            x = color_jitter(x, jitter, self.jitter_p, generator)
+        if self.grayscale_p > 0:
+            x = random_grayscale(x, self.grayscale_p, generator)
+        if self.blur_p > 0:
+            x = random_gaussian_blur(x, self.blur_kernel, self.blur_sigma, self.blur_p, generator)
+        if self.solarize_p > 0:
+            x = random_solarize(x, self.solarize_threshold, self.solarize_p, generator)
         return x

@@ -6,12 +6,35 @@ and finetuning, which keeps only the encoder, leaves it behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptft.errors import UserError
 from ptft.objectives import EVAL_CHUNK_SIZE
-from ptft.objectives.augment import Augment
+from ptft.objectives.augment import Augment, blur_kernel_for
+
+# objective.preset simclr_rgb: SimCLR's ImageNet views (Chen et al. 2020, appendix A). Its geometry
+# (crops of 8-100% of the area, mirrored half the time) is PRESETS["simclr_rgb"] in
+# ptft/objectives/__init__.py; the colour part is this: jitter of strength 1 with p 0.8, grey with
+# p 0.2, a blur of 10% of the image side with p 0.5.
+SIMCLR_RGB_COLOUR = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2, "jitter_p": 0.8,
+                     "grayscale_p": 0.2, "blur_p": 0.5, "blur_sigma": (0.1, 2.0)}
+
+
+def with_simclr_colour(augment: Augment, input_shape: tuple[int, int, int]) -> Augment:
+    """`augment` plus SimCLR's colour and blur ops.
+
+    Raises:
+        UserError: images that are not RGB (they have no colour to jitter).
+    """
+    channels, height, width = input_shape
+    if channels != 3:
+        raise UserError(f"objective.preset: simclr_rgb is for RGB images; these have {channels} channel(s): "
+                        "use preset grey or grey_objects")
+    return dataclasses.replace(augment, **SIMCLR_RGB_COLOUR, blur_kernel=blur_kernel_for(min(height, width)))
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

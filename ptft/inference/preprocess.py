@@ -1,0 +1,85 @@
+"""The checkpoint's preprocessing: an image file -> exactly the input its model was trained on.
+
+Training images are (C, H, W) float32 in [0, 1]: uint8 pixels / 255 (torchvision datasets,
+imagefolder) or the dataset's own float values (digits: pixel counts 0..16, divided by 16).
+A user's file becomes uint8 pixels as imagefolder's training images do (`decode.py`), then
+float in [0, 1] here, quantised to the dataset's pixel levels where it has them (digits), so
+an image written from the training data comes back bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptft.config import Config
+from ptft.data import DATASETS, build_data
+from ptft.data.batches import to_float
+from ptft.data.normalize import recorded_normalization
+from ptft.errors import DataError
+from ptft.meta import CheckpointMeta
+
+RESIZE_RULE = "bilinear (PIL) to height x width, aspect ratio ignored"
+GREY_FROM_RGB = "ITU-R 601-2 luma as PIL convert('L'): L = (19595 R + 38470 G + 7471 B + 32768) >> 16"
+PIXEL_RULES = "16-bit, float and alpha images as ptft.data.images reads them (alpha over black)"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects: (channels, height, width) in [0, 1], and its class names."""
+
+    channels: int
+    height: int
+    width: int
+    class_names: tuple[str, ...]
+    pixel_levels: int | None = None  # the dataset's pixels were counts 0..pixel_levels (digits: 16)
+    # data.normalize's {"mean", "std"}: applied by the model itself (a hook on its encoder), not here
+    normalization: dict | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.channels, self.height, self.width
+
+    def to_model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 pixels, or a dataset's own float images, -> float32 in [0, 1]."""
+        x = to_float(images)
+        if images.dtype == torch.uint8 and self.pixel_levels:
+            x = x.mul_(self.pixel_levels).round_().div_(self.pixel_levels)
+        return x
+
+    def describe(self) -> dict:
+        """The recipe in words and numbers, for people and for other runtimes (export's sidecar)."""
+        levels = self.pixel_levels
+        return {
+            "layout": "NCHW", "dtype": "float32", "shape": [None, *self.input_shape],
+            "color": "grey" if self.channels == 1 else "rgb",
+            "grey_from_rgb": GREY_FROM_RGB if self.channels == 1 else None,
+            "resize": RESIZE_RULE, "pixels": PIXEL_RULES,
+            "scale": f"round(pixel / 255 * {levels}) / {levels}" if levels else "pixel / 255",
+            # Nothing to subtract or divide outside: data.normalize's numbers travel inside the model.
+            "mean": [0.0] * self.channels, "std": [1.0] * self.channels,
+            "normalization_inside_model": self.normalization,
+            "class_names": list(self.class_names),
+        }
+
+
+def preprocessing_of(cfg: Config, meta: CheckpointMeta) -> Preprocessing:
+    """The preprocessing a checkpoint's model was trained with (its meta.json and dataset).
+
+    Raises:
+        DataError: an older checkpoint that did not record its inputs, whose dataset is not at hand.
+    """
+    if meta.inputs:
+        shape, class_names = meta.inputs["shape"], meta.inputs["class_names"]
+    else:
+        # Checkpoints written before ptft recorded their inputs: the dataset itself says.
+        try:
+            data = build_data(cfg.data, "cpu")
+        except DataError as exc:
+            raise DataError(f"this checkpoint does not record its input shape, so its dataset is needed: {exc}") \
+                from None
+        shape, class_names = data.input_shape, data.class_names
+    channels, height, width = shape
+    return Preprocessing(channels, height, width, tuple(class_names), DATASETS.meta(cfg.data.name).get("pixel_levels"),
+                         recorded_normalization(meta))

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""How fast does ptft read a folder of your own images? Decode, cache, and an epoch against torchvision.
+
+Two folders, made by this script under a temporary directory (deleted at the end, unless --keep):
+
+  fashion   Fashion-MNIST as 70,000 PNGs in train/<class>/ and test/<class>/, written from the raw
+            files in --data-root (torchvision's FashionMNIST(root, download=False))
+  rgb       --rgb-images synthetic 224 px RGB JPEGs in train/<class>/ (smooth colour fields plus noise)
+
+and these figures:
+
+  decode    first decode rate (images/s): one process vs a pool on every core (ptft.data.decoding)
+  cache     cold load (decode + write the cache) and reload (map the cache) through the imagefolder
+            dataset, and build_data as a stage calls it; the cache's size on disk
+  epoch     fashion only: one epoch of conv_classifier (batch 128, Adam) through ptft's own loop
+            (`ptft pretrain`'s parts: data already decoded, batches by index; one validation and
+            one checkpoint at the end included), against torchvision ImageFolder + DataLoader
+            (num_workers=2, shuffle) driving the same model for the same number of steps
+
+  python scripts/bench_data.py --data-root ../shared/data --channels 8,16 --json bench_data.json
+
+On a machine shared with other jobs wall times mostly measure the others: run it alone for figures
+to quote, and read ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH_SIZE = 128
+RGB_SIZE = 224
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
+                        help="folder holding FashionMNIST/raw")
+    parser.add_argument("--rgb-images", type=int, default=3000, help="synthetic 224 px JPEGs (0: skip)")
+    parser.add_argument("--device", default="cpu", help="device of the epoch comparison")
+    parser.add_argument("--channels", default="32,64",
+                        help="conv_classifier's channels in the epoch comparison (smaller: the data path shows more)")
+    parser.add_argument("--skip-epoch", action="store_true", help="leave the epoch comparison out")
+    parser.add_argument("--keep", type=Path, help="build the folders here and keep them (default: a temp dir)")
+    parser.add_argument("--json", help="write every figure here as JSON ('-': stdout)")
+    return parser.parse_args(argv)
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- the folders -----------------------------------------------------------------------------------
+
+def build_fashion_folder(data_root: Path, out: Path) -> Path:
+    """train/<class>/<n>.png and test/<class>/<n>.png from torchvision's FashionMNIST raw files."""
+    from torchvision.datasets import FashionMNIST
+
+    for split, train in (("train", True), ("test", False)):
+        dataset = FashionMNIST(str(data_root), train=train, download=False)
+        for name in dataset.classes:
+            (out / split / name.replace("/", "-")).mkdir(parents=True, exist_ok=True)
+        names = [name.replace("/", "-") for name in dataset.classes]
+        for i, (image, label) in enumerate(zip(dataset.data.numpy(), dataset.targets.tolist())):
+            Image.fromarray(image).save(out / split / names[label] / f"{i:05d}.png")
+    return out
+
+
+def build_rgb_folder(out: Path, count: int, classes: int = 10) -> Path:
+    """`count` 224 px RGB JPEGs: an upsampled 6x6 colour field per image plus pixel noise (photo-like sizes)."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((RGB_SIZE, RGB_SIZE),
+                                                                                       Image.Resampling.BICUBIC)
+        pixels = np.clip(np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, field.size + (3,)), 0, 255)
+        folder = out / "train" / f"c{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+    return out
+
+
+# ---- decode and cache ------------------------------------------------------------------------------
+
+def decode_rates(root: Path, cores: int) -> dict:
+    """images/s decoding every file once: in this process, then with a pool on every core."""
+    from ptft.data.decoding import DecodeOptions, decode_files
+
+    files = sorted(path for path in root.rglob("*") if path.suffix in (".png", ".jpg"))
+    rates = {}
+    for name, workers in (("one process", 0), (f"pool of {cores}", cores)):
+        started = time.perf_counter()
+        decode_files(files, DecodeOptions(), workers=workers)
+        rates[name] = len(files) / (time.perf_counter() - started)
+    return {"files": len(files), "images_per_s": rates,
+            "pool_speedup": rates[f"pool of {cores}"] / rates["one process"]}
+
+
+def cache_figures(root: Path, cache_dir: Path) -> dict:
+    """Cold load (decode + write), reload (map) and a stage's build_data over the mapped cache."""
+    from ptft.config import config_from_dict
+    from ptft.data import DATASETS, build_data
+
+    imagefolder = DATASETS.get("imagefolder")
+    shutil.rmtree(cache_dir, ignore_errors=True)  # cold means cold, also with --keep
+    started = time.perf_counter()
+    imagefolder(root, False, cache_dir=str(cache_dir))
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    imagefolder(root, False, cache_dir=str(cache_dir))
+    reload = time.perf_counter() - started
+    cfg = config_from_dict({"data": {"name": "imagefolder", "root": str(root), "cache_dir": str(cache_dir)},
+                            "train": {"epochs": 1}}, "bench_data")
+    started = time.perf_counter()
+    build_data(cfg.data, "cpu")
+    staged = time.perf_counter() - started
+    size = sum(path.stat().st_size for path in (cache_dir / "images").glob("*.npy"))
+    return {"cold_load_s": cold, "reload_s": reload, "build_data_from_cache_s": staged, "cache_bytes": size}
+
+
+# ---- one epoch -------------------------------------------------------------------------------------
+
+def epoch_config(root: Path, cache_dir: Path, run_dir: Path, device: str, channels: list[int]):
+    from ptft.config import config_from_dict
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return config_from_dict({
+        "run": {"dir": str(run_dir), "seed": 0},
+        "data": {"name": "imagefolder", "root": str(root), "cache_dir": str(cache_dir), "batch_size": BATCH_SIZE},
+        "model": {"name": "conv_classifier", "channels": channels}, "objective": {"name": "supervised"},
+        "optim": {"name": "adam", "lr": 1e-3}, "train": {"epochs": 1, "device": device}}, "bench_data")
+
+
+def epoch_ptft(cfg, device: torch.device) -> dict:
+    """One epoch through ptft's parts and loop, as `ptft pretrain` builds and runs them."""
+    from ptft.assembly import build_run, build_tracker, build_train_parts
+    from ptft.config import config_hash
+    from ptft.engine import fit
+    from ptft.meta import CheckpointMeta
+    from ptft.runtime import seed_everything
+
+    seed_everything(cfg.run.seed)
+    started = time.perf_counter()
+    parts, settings = build_train_parts(build_run(cfg, device, stage="pretrain"))
+    built = time.perf_counter() - started
+    Path(cfg.run.dir).mkdir(parents=True)
+    started = time.perf_counter()
+    fit(parts, settings, Path(cfg.run.dir), tracker=build_tracker(cfg),
+        meta_base=CheckpointMeta(stage="pretrain", config_hash=config_hash(cfg)))
+    _sync(device)
+    return {"steps": settings.total_steps, "build_s": built, "epoch_s": time.perf_counter() - started}
+
+
+def grey_loader(path: str) -> Image.Image:
+    # ImageFolder's default loader makes RGB; the model takes the folder's one grey channel.
+    with Image.open(path) as image:
+        return image.convert("L")
+
+
+def epoch_torchvision(cfg, root: Path, steps: int, device: torch.device) -> dict:
+    """`steps` steps of the same model, batch and optimizer over ImageFolder + DataLoader(num_workers=2)."""
+    import torch.nn.functional as F
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import ToTensor
+
+    from ptft.models import build_model
+    from ptft.runtime import seed_everything
+
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, (1, 28, 28), 10).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    dataset = ImageFolder(str(root / "train"), transform=ToTensor(), loader=grey_loader)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=2, drop_last=True)
+    started = time.perf_counter()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    _sync(device)
+    return {"steps": steps, "epoch_s": time.perf_counter() - started}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    lines = [f"ptft data bench: {report['cores']} cores, device {report['device']}, torch {report['torch']}"]
+    for name, figures in report["folders"].items():
+        decode, cache = figures["decode"], figures["cache"]
+        rates = ", ".join(f"{k} {v:,.0f}/s" for k, v in decode["images_per_s"].items())
+        lines += [f"{name}: {decode['files']:,} files",
+                  f"  first decode       {rates} (pool x{decode['pool_speedup']:.2f})",
+                  f"  cold load          {cache['cold_load_s']:.1f} s (decode + write cache)",
+                  f"  reload from cache  {cache['reload_s']:.2f} s "
+                  f"(build_data: {cache['build_data_from_cache_s']:.2f} s)",
+                  f"  cache size         {cache['cache_bytes'] / 2**20:,.1f} MiB"]
+    epoch = report.get("epoch")
+    if epoch:
+        lines += [f"epoch (fashion, conv_classifier {report['channels']}, batch {BATCH_SIZE}, "
+                  f"{epoch['ptft']['steps']} steps):",
+                  f"  ptft               {epoch['ptft']['epoch_s']:.1f} s (+ {epoch['ptft']['build_s']:.1f} s "
+                  "to build data and model from the cache)",
+                  f"  ImageFolder+DL(2)  {epoch['torchvision']['epoch_s']:.1f} s",
+                  f"  torchvision / ptft x{epoch['speedup']:.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="ptft_bench_data_"))
+    device = torch.device(args.device)
+    report = {"cores": len(os.sched_getaffinity(0)), "device": str(device), "torch": torch.__version__,
+              "channels": args.channels, "folders": {}}
+    try:
+        folders = {}
+        if not (work / "fashion" / "train").is_dir():
+            note("writing Fashion-MNIST as 70,000 PNGs ...")
+            build_fashion_folder(args.data_root, work / "fashion")
+        folders["fashion"] = work / "fashion"
+        if args.rgb_images:
+            if not (work / "rgb" / "train").is_dir():
+                note(f"writing {args.rgb_images:,} synthetic {RGB_SIZE} px JPEGs ...")
+                build_rgb_folder(work / "rgb", args.rgb_images)
+            folders["rgb"] = work / "rgb"
+        for name, root in folders.items():
+            note(f"{name}: decode rates ...")
+            decode = decode_rates(root, report["cores"])
+            note(f"{name}: cache ...")
+            report["folders"][name] = {"decode": decode, "cache": cache_figures(root, work / f"cache_{name}")}
+        if not args.skip_epoch:
+            note("epoch: ptft, then ImageFolder + DataLoader ...")
+            cfg = epoch_config(folders["fashion"], work / "cache_fashion", work / "run", args.device,
+                               [int(c) for c in args.channels.split(",")])
+            ours = epoch_ptft(cfg, device)
+            theirs = epoch_torchvision(cfg, folders["fashion"], ours["steps"], device)
+            report["epoch"] = {"ptft": ours, "torchvision": theirs, "speedup": theirs["epoch_s"] / ours["epoch_s"]}
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    note(format_report(report))
+    if args.json:
+        text = json.dumps(report, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -107,12 +107,13 @@ def config_command(config: Path = ConfigArg, overrides: Optional[list[str]] = Ov
     sys.stdout.write(config_to_yaml(load_config(config, overrides or [])))
 
 
-@_command(epilog="Example: ptft models")
-def models() -> None:
-    """List what the registries hold: models, datasets, objectives, optimizers, schedules."""
+@_command(epilog="Example: ptft models --json | jq '.models | keys'")
+def models(as_json: bool = typer.Option(False, "--json", help="Print the listing as one JSON object on stdout.")
+           ) -> None:
+    """List what the registries hold: models, datasets, objectives, optimizers, schedules (tables on stderr)."""
     from ptft.inspection import print_registries
 
-    print_registries()
+    print_registries(as_json=as_json)
 
 
 @_command(epilog="Example: ptft inspect runs/finetune")

@@ -12,32 +12,43 @@ from ptft.errors import UserError
 
 
 def registries() -> dict:
-    """Kind -> registry, imported here so that listing them never imports torch."""
-    from ptft.data import DATASETS
-    from ptft.models import MODELS
-    from ptft.objectives import OBJECTIVES
-    from ptft.optim import OPTIMIZERS, SCHEDULES
+    """Kind -> registry: config validation's one list (`load_registries`), so listing never imports torch."""
+    from ptft.config.validation import load_registries
 
-    return {"models": MODELS, "datasets": DATASETS, "objectives": OBJECTIVES, "optimizers": OPTIMIZERS,
-            "schedules": SCHEDULES}
+    return load_registries()._asdict()
 
 
-def print_registries() -> None:
-    """One table per registry: name, kind (models), description. Printed to stdout."""
-    from rich.console import Console
-
-    out = Console(highlight=False)
+def registry_listing() -> dict:
+    """Kind -> name -> {"description", and "kind" for models}: what `ptft models --json` prints."""
+    listing = {}
     for title, registry in registries().items():
+        entries = {}
+        for name, description in registry.describe().items():
+            entry = {"description": description}
+            if title == "models":
+                entry["kind"] = registry.meta(name).get("kind", "")  # a family line gives its family's
+            entries[name] = entry
+        listing[title] = entries
+    return listing
+
+
+def print_registries(*, as_json: bool = False) -> None:
+    """One table per registry on stderr (people), or the listing as one JSON object on stdout (machines)."""
+    listing = registry_listing()
+    if as_json:
+        print(json.dumps(listing, sort_keys=True))
+        return
+    for title, entries in listing.items():
         table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
         table.add_column("name", style="bold")
         if title == "models":
             table.add_column("kind")
         table.add_column("description")
-        for name, description in registry.describe().items():
-            kind = [registry.meta(name).get("kind", "")] if title == "models" else []
-            table.add_row(name, *kind, description)
-        out.print(table)
-        out.print()
+        for name, entry in entries.items():
+            kind = [entry["kind"]] if title == "models" else []
+            table.add_row(name, *kind, entry["description"])
+        stderr.print(table)
+        stderr.print()
 
 
 def _checkpoint_facts(path: Path) -> dict:

@@ -110,8 +110,8 @@ def test_missing_timm_extra_exits_2_naming_it(tmp_path):
 def test_models_lists_each_family_as_one_line(ptft):
     result = ptft("models")
     assert result.code == 0
-    assert "torchvision:<architecture>" in result.stdout and "timm:<name>" in result.stdout
-    assert "convnext_tiny" in result.stdout  # the family line says how a member is written
+    assert "torchvision:<architecture>" in result.stderr and "timm:<name>" in result.stderr
+    assert "convnext_tiny" in result.stderr  # the family line says how a member is written
 
 
 def test_validating_a_torchvision_name_imports_no_torch():

@@ -19,13 +19,24 @@ def test_config_prints_the_resolved_config_with_overrides(tmp_path, ptft):
     assert resolved["schedule"]["name"] == "constant"  # defaults filled in
 
 
-def test_models_lists_every_registry_with_descriptions(ptft):
+def test_models_lists_every_registry_with_descriptions_on_stderr(ptft):
     result = ptft("models")
     assert result.code == 0, result.stderr
+    assert result.stdout == ""  # stdout is for machines: --json
     for name in ("mlp_autoencoder", "conv_classifier", "resnet18_classifier", "digits", "mnist", "contrastive",
-                 "sgd", "cosine"):
-        assert name in result.stdout
-    assert "autoencoder" in result.stdout and "classifier" in result.stdout  # model kinds
+                 "sgd", "cosine", "torchvision:<architecture>"):
+        assert name in result.stderr
+    assert "autoencoder" in result.stderr and "classifier" in result.stderr  # model kinds
+
+
+def test_models_json_is_one_object_per_registry_with_kinds(ptft):
+    result = ptft("models", "--json")
+    assert result.code == 0, result.stderr
+    listing = json.loads(result.stdout)
+    assert set(listing) == {"models", "objectives", "datasets", "optimizers", "schedules"}
+    assert listing["models"]["mlp_autoencoder"]["kind"] == "autoencoder"
+    assert listing["models"]["torchvision:<architecture>"]["kind"] == "classifier"
+    assert "cosine" in listing["schedules"] and listing["datasets"]["digits"]["description"]
 
 
 def test_inspect_shows_step_metrics_and_lineage(tmp_path, ptft):

@@ -12,7 +12,7 @@ import torch
 
 from ptft import checkpoint as ckpt
 from ptft import distributed as dist
-from ptft import report
+from ptft import probes, report
 from ptft.assembly import build_model_for
 from ptft.config import Config, config_from_dict, load_config
 from ptft.console import note
@@ -50,23 +50,35 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Path, Config, Pat
             f"evaluate: '{target}' is neither a config file, a run directory with checkpoints, nor a checkpoint directory"
         ) from None
     meta = ckpt.load_meta(checkpoint)
-    cfg = config_from_dict(meta.config, f"{checkpoint / ckpt.META_FILE}", overrides, trusted_imports=trusted)
+    cfg = config_from_dict(as_trained(meta.config), f"{checkpoint / ckpt.META_FILE}", overrides,
+                           trusted_imports=trusted)
     return checkpoint, cfg, RunDir.of_target(path).root
 
 
+# Keys added after older checkpoints were written, with the value those checkpoints were trained
+# with where it differs from today's default (imagefolder stretched images before data.resize).
+TRAINED_BEFORE_THE_KEY = {("data", "resize"): "stretch"}
+
+
+def as_trained(config: dict) -> dict:
+    """A checkpoint's saved config with keys it predates set as it was trained, not to today's defaults."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for (section, key), value in TRAINED_BEFORE_THE_KEY.items():
+        if isinstance(config.get(section), dict) and key not in config[section]:
+            config[section][key] = value
+    return config
+
+
+# Evaluate streams: per batch it adds to metric tallies and drops the batch, so what it holds
+# does not grow with the split (a 200k-image folder fits as well as digits). Only the images a
+# picture shows and the encoder's features (float16, on the CPU) are kept.
+
 @torch.inference_mode()
-def _outputs(module: torch.nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs as float, outputs) over a split in large batches."""
-    inputs, outputs = [], []
-    for xb, _ in iterate_eval(x, torch.zeros(len(x), dtype=torch.long, device=x.device), batch_size):
-        inputs.append(xb)
-        outputs.append(module(xb).float())
-    return torch.cat(inputs), torch.cat(outputs)
-
-
 def _classifier_metrics(model, split, data, batch_size: int, out_dir: Path) -> dict:
-    _, logits = _outputs(model, split.x, batch_size)
-    metrics = report.classification_metrics(logits, split.y, data.class_names)
+    tally = report.ClassificationTally(data.class_names)
+    for xb, yb in iterate_eval(split.x, split.y, batch_size):
+        tally.add(model(xb), yb)
+    metrics = tally.metrics()
     picture = out_dir / "confusion_matrix.png"
     report.save_confusion_matrix_png(metrics["confusion_matrix"], data.class_names, picture,
                                      title=f"confusion matrix (accuracy {metrics['accuracy']:.3f})")
@@ -74,17 +86,23 @@ def _classifier_metrics(model, split, data, batch_size: int, out_dir: Path) -> d
     return metrics
 
 
+@torch.inference_mode()
+def _reconstruction_metrics(model, split, batch_size: int, out_dir: Path) -> dict:
+    tally = report.ReconstructionTally()
+    for xb, _ in iterate_eval(split.x, split.y, batch_size):
+        tally.add(xb, model(xb))
+    picture = out_dir / "reconstructions.png"
+    tally.save_grid_png(picture)
+    return {**tally.metrics(), "files": {"reconstructions": str(picture)}}
+
+
 def _encoder_metrics(model, split, data, batch_size: int, seed: int, out_dir: Path) -> dict:
     """Reconstruction figures (autoencoders) and the encoder's k-NN / linear-probe accuracy."""
     metrics: dict = {"num_examples": len(split.x), "files": {}}
     if hasattr(model, "decoder"):
-        inputs, recon = _outputs(model, split.x, batch_size)
-        metrics.update(report.reconstruction_metrics(inputs, recon))
-        picture = out_dir / "reconstructions.png"
-        report.save_reconstruction_grid_png(inputs, recon, picture)
-        metrics["files"]["reconstructions"] = str(picture)
-    _, train_feats = _outputs(model.encoder, data.labelled.x, batch_size)
-    _, test_feats = _outputs(model.encoder, split.x, batch_size)
+        metrics.update(_reconstruction_metrics(model, split, batch_size, out_dir))
+    train_feats = probes.encode(model.encoder, data.labelled.x, batch_size)  # (N, D) float16, CPU
+    test_feats = probes.encode(model.encoder, split.x, batch_size)
     metrics["knn_accuracy"] = report.knn_accuracy(train_feats, data.labelled.y, test_feats, split.y)
     metrics["linear_probe_accuracy"] = report.linear_probe_accuracy(train_feats, data.labelled.y, test_feats,
                                                                     split.y, seed=seed)
@@ -108,7 +126,7 @@ def evaluate(target: str, overrides: list[str], *, split: str = "test", out: Pat
     """
     checkpoint, cfg, run_dir = resolve_target(target, overrides)
     # Under torchrun rank 0 evaluates and writes; every rank returns its figures.
-    with dist.session(cfg.train.device) as device_spec:
+    with dist.session(cfg.train.device, timeout_s=cfg.train.dist_timeout_s) as device_spec:
         return dist.on_writer(_evaluate_checkpoint, checkpoint, cfg, run_dir, device_spec, split, out)
 
 
@@ -116,7 +134,7 @@ def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_sp
                          out: Path | None) -> dict:
     meta = ckpt.load_meta(checkpoint)
     device = resolve_device(device_spec)
-    configure_backend(device)
+    configure_backend(device, cfg.train)
     data = build_data(cfg.data, device)
     _say_if_split_changed(meta, data.fingerprint)
     data.normalization = recorded_normalization(meta)  # the numbers the model was trained with, whatever the config says now

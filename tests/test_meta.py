@@ -88,3 +88,24 @@ def test_a_resumed_run_keeps_the_parent_and_lineage_it_started_with(tmp_path):
     saved = run_meta(cfg, "finetune", data, parent)
     resumed = run_meta(cfg, "finetune", data, parent=None).with_lineage_of(saved)
     assert resumed.parent == parent and resumed.lineage == LINEAGE
+
+
+def test_a_checkpoint_from_before_data_resize_is_read_with_the_stretch_it_was_trained_with(tmp_path):
+    from ptft.evaluation import resolve_target
+
+    config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run", train={"max_steps": 2}))
+    from ptft.stages import train
+    from ptft.config import load_config
+
+    train(load_config(config), "pretrain")
+    meta_file = tmp_path / "run" / "checkpoints" / "last" / "meta.json"
+    written = json.loads(meta_file.read_text())
+    assert written["config"]["data"]["resize"] == "crop"  # today's default, recorded
+    _, cfg, _ = resolve_target(str(tmp_path / "run"), [])
+    assert cfg.data.resize == "crop"
+    del written["config"]["data"]["resize"]  # as a checkpoint written before the key existed
+    meta_file.write_text(json.dumps(written))
+    _, cfg, _ = resolve_target(str(tmp_path / "run"), [])
+    assert cfg.data.resize == "stretch"
+    _, cfg, _ = resolve_target(str(tmp_path / "run"), ["data.resize=crop"])  # the user's word still wins
+    assert cfg.data.resize == "crop"

@@ -184,3 +184,11 @@ def test_cache_key_names_relative_paths_sizes_mtimes_and_pixel_rules(tmp_path):
     assert key == cache.folder_key(files, root, DecodeOptions(skip_bad_files=True))  # what is kept, not how
     assert key != cache.folder_key(files, root, DecodeOptions(image_size=8))
     assert key != cache.folder_key(files[:-1], root, DecodeOptions())
+
+
+def test_a_broken_link_is_an_unreadable_file_like_any_other(tmp_path):
+    root, cache_dir = image_tree(tmp_path / "images"), tmp_path / "cache"
+    (root / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=r"^data.root: cannot read image '.*gone\.png'"):
+        load(root, cache_dir)
+    assert len(load(root, cache_dir, skip_bad_files=True).train_x) == 12

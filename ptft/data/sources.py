@@ -201,7 +201,7 @@ def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:
     if not classes:
         raise DataError(f"data.root: no class folders in '{train_dir}' (imagefolder expects {IMAGEFOLDER_LAYOUT})")
     test = _class_images(test_dir, classes) if test_dir.is_dir() else ([], [])
-    unlabelled_files = _image_files(unlabelled_dir) if unlabelled_dir.is_dir() else []
+    unlabelled_files = _image_paths(unlabelled_dir) if unlabelled_dir.is_dir() else []
     return classes, _class_images(train_dir, classes), test, unlabelled_files
 
 
@@ -225,8 +225,16 @@ def _require_readable_classes(train_dir: Path, classes: list[str], train_y: list
                             "as unreadable, data.skip_bad_files); fix or remove them")
 
 
-def _image_files(folder: Path) -> list[str]:
-    """Image files under `folder`, at any depth, in sorted order (so the dataset order is stable)."""
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, at any depth, in sorted order (predict's folders of inputs)."""
+    return [Path(path) for path in _image_paths(folder) if os.path.isfile(path)]
+
+
+def _image_paths(folder: Path) -> list[str]:
+    """Image files under `folder`, at any depth, in sorted order (so the dataset order is stable).
+
+    A broken link is listed too: decoding names it as unreadable (or skips it).
+    """
     # os.walk reads each directory once and tells files from folders without a stat per file, and
     # plain strings skip building a Path per file: listing a large folder on a cache hit is cheap.
     found = []
@@ -245,7 +253,7 @@ def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[str], list[
                         f"'{split_dir.parent / 'train'}' (classes: {', '.join(classes)})")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = _image_files(split_dir / name) if (split_dir / name).is_dir() else []
+        found = _image_paths(split_dir / name) if (split_dir / name).is_dir() else []
         if not found and split_dir.name == "train":
             raise DataError(f"data.root: no images in '{split_dir / name}' (expected files ending in "
                             f"{', '.join(IMAGE_SUFFIXES)})")

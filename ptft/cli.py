@@ -132,8 +132,8 @@ InputsArg = typer.Argument(None, help="Image files, folders (searched at any dep
 InputSplitOpt = typer.Option(None, "--split", help="Use the run's own test or val split instead of INPUT.")
 BatchSizeOpt = typer.Option(256, "--batch-size", min=1, help="Images per batch (and per decoding chunk).")
 WorkersOpt = typer.Option(None, "--workers", min=0, help="Decoding processes; 0 decodes in this one "
-                          "[default: one per core (at most 8) once the first batch shows decoding is slow enough "
-                          "to repay starting them].", show_default=False)
+                          "[default: one per core but one (at most 8) once the first batch shows decoding is "
+                          "slow enough to repay starting them].", show_default=False)
 
 
 @_command(name="predict", epilog="Example: ptft predict runs/finetune photos/ --top-k 3 > predictions.jsonl")

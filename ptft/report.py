@@ -1,7 +1,7 @@
 """Evaluation metrics and pictures: classification and reconstruction metrics, PNGs, metrics.json.
 
-Metric functions take tensors from any device, move them to the CPU once and return plain
-Python numbers (JSON-ready, floats rounded to 6 digits). Pictures are drawn on a
+Metrics stream: a tally takes batches from any device, keeps sums and counts on the CPU (never
+the whole split) and returns plain Python numbers (JSON-ready, floats rounded to 6 digits). Pictures are drawn on a
 `matplotlib.figure.Figure` with the Agg canvas, so no pyplot and no global backend change.
 The encoder probes live in `ptft.probes` and are re-exported here.
 """
@@ -12,19 +12,21 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-from torchvision.utils import make_grid
 
 from ptft.probes import knn_accuracy, linear_probe_accuracy
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+# matplotlib and torchvision are imported inside the functions that draw: ptft.evaluation imports
+# this module, and predict / embed / export (which draw nothing) should not pay seconds for them.
+
 __all__ = [
-    "classification_metrics", "reconstruction_metrics", "knn_accuracy", "linear_probe_accuracy",
+    "ClassificationTally", "ReconstructionTally", "classification_metrics", "reconstruction_metrics", "knn_accuracy", "linear_probe_accuracy",
     "save_confusion_matrix_png", "save_reconstruction_grid_png",
     "write_metrics_json",
 ]
@@ -36,78 +38,154 @@ MIN_MSE = 1e-10
 MAX_ANNOTATED_CLASSES = 30
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
-    """Loss, accuracy, top-5 (K > 5), per-class precision/recall/F1, macro-F1, confusion matrix.
+class ClassificationTally:
+    """Classification metrics streamed over batches: sums and a confusion matrix, never the logits.
 
-    Classes absent from `labels` still get a per-class entry (all zeros when never predicted)
-    and a confusion-matrix row; macro-F1 averages over the classes that occur in the labels or
-    the predictions, so a class missing from the split does not count as a failure.
+    Holds O(K^2) numbers whatever the split's size, so evaluate runs in bounded memory; the
+    figures equal those computed on all logits at once (sums in float64).
+    """
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows true, columns predicted
+        self.loss_sum = 0.0
+        self.top5_hits = 0
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one batch: logits (B, K) scores, labels (B,) class indices in [0, K)."""
+        logits = logits.detach().to("cpu", torch.float64)
+        labels = labels.detach().to("cpu", torch.int64)
+        num_classes = _check_classification_inputs(logits, labels, self.class_names)
+        predictions = logits.argmax(dim=1)
+        self.confusion += torch.bincount(labels * num_classes + predictions,
+                                         minlength=num_classes * num_classes).view(num_classes, num_classes)
+        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        if num_classes > 5:
+            top5 = logits.topk(5, dim=1).indices  # (B, 5)
+            self.top5_hits += int((top5 == labels[:, None]).any(dim=1).sum())
+        self.count += len(labels)
+
+    def metrics(self) -> dict:
+        """Loss, accuracy, top-5 (K > 5), per-class precision/recall/F1, macro-F1, confusion matrix.
+
+        Classes absent from the labels still get a per-class entry (all zeros when never
+        predicted) and a confusion-matrix row; macro-F1 averages over the classes that occur in
+        the labels or the predictions, so a class missing from the split does not count as a failure.
+        """
+        if self.count == 0:
+            raise ValueError("no examples to compute classification metrics on")
+        counts = self.confusion.double()
+        hits, support, predicted = counts.diagonal(), counts.sum(dim=1), counts.sum(dim=0)
+        precision, recall = _ratio(hits, predicted), _ratio(hits, support)
+        f1 = _ratio(2 * hits, support + predicted)  # = 2PR / (P + R), and 0 where both are 0
+        seen = (support + predicted) > 0
+        metrics = {
+            "loss": _rounded(self.loss_sum / self.count),
+            "accuracy": _rounded(hits.sum() / self.count),
+            "macro_f1": _rounded(f1[seen].mean()),
+            "per_class": {
+                name: {"precision": _rounded(precision[i]), "recall": _rounded(recall[i]),
+                       "f1": _rounded(f1[i]), "support": int(support[i])}
+                for i, name in enumerate(self.class_names)
+            },
+            "confusion_matrix": self.confusion.tolist(),
+            "num_examples": self.count,
+        }
+        if len(self.class_names) > 5:
+            metrics["top5_accuracy"] = _rounded(self.top5_hits / self.count)
+        return metrics
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """`ClassificationTally.metrics` of one batch holding the whole split.
 
     Args:
         logits: (N, K) scores; labels: (N,) class indices in [0, K); class_names: K names.
     Returns:
         A JSON-ready dict; `confusion_matrix` rows are true classes, columns predictions.
     """
-    logits = logits.detach().to("cpu", torch.float64)
-    labels = labels.detach().to("cpu", torch.int64)
-    num_classes = _check_classification_inputs(logits, labels, class_names)
-    predictions = logits.argmax(dim=1)
-    y_true, y_pred = labels.numpy(), predictions.numpy()
-    all_classes = list(range(num_classes))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=all_classes, zero_division=0)
-    metrics = {
-        "loss": _rounded(F.cross_entropy(logits, labels)),
-        "accuracy": _rounded((predictions == labels).double().mean()),
-        "macro_f1": _rounded(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "per_class": {
-            name: {"precision": _rounded(precision[i]), "recall": _rounded(recall[i]),
-                   "f1": _rounded(f1[i]), "support": int(support[i])}
-            for i, name in enumerate(class_names)
-        },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=all_classes).tolist(),
-        "num_examples": len(labels),
-    }
-    if num_classes > 5:
-        top5 = logits.topk(5, dim=1).indices  # (N, 5)
-        metrics["top5_accuracy"] = _rounded((top5 == labels[:, None]).any(dim=1).double().mean())
-    return metrics
+    if len(labels) == 0:
+        raise ValueError("no examples to compute classification metrics on")
+    tally = ClassificationTally(class_names)
+    tally.add(logits, labels)
+    return tally.metrics()
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    # 0 where the denominator is 0: sklearn's zero_division=0, without its warning.
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
 
 
 def _check_classification_inputs(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> int:
     if logits.ndim != 2 or labels.shape != (len(logits),):
         raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    if len(labels) == 0:
-        raise ValueError("no examples to compute classification metrics on")
     num_classes = logits.shape[1]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} logits per example")
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min().item()}, {labels.max().item()}]")
     return num_classes
 
 
-def reconstruction_metrics(inputs: torch.Tensor, reconstructions: torch.Tensor) -> dict:
-    """Mean squared error and PSNR of reconstructions, images in [0, 1].
+class ReconstructionTally:
+    """Reconstruction MSE and PSNR streamed over batches; keeps only the images the picture shows.
 
     PSNR is computed per image (data range 1.0, MSE floored at 1e-10, i.e. at most 100 dB) and
     then averaged over images, so one bad image cannot hide behind many good ones as it would
     in the PSNR of the pooled MSE.
+    """
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self.mse_sum = self.psnr_sum = 0.0
+        self.count = 0
+        self.inputs: list[torch.Tensor] = []  # the first `keep` images, on the CPU, for the grid
+        self.reconstructions: list[torch.Tensor] = []
+
+    def add(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        """Count one batch of (B, C, H, W) images in [0, 1] and their reconstructions."""
+        if inputs.shape != reconstructions.shape:
+            raise ValueError(f"need same-shape inputs and reconstructions, got "
+                             f"{tuple(inputs.shape)} and {tuple(reconstructions.shape)}")
+        inputs = inputs.detach().to("cpu", torch.float64)
+        reconstructions = reconstructions.detach().to("cpu", torch.float64)
+        per_image_mse = (inputs - reconstructions).square().flatten(1).mean(dim=1)  # (B,)
+        self.mse_sum += per_image_mse.sum().item()
+        self.psnr_sum += (10 * torch.log10(1.0 / per_image_mse.clamp(min=MIN_MSE))).sum().item()
+        wanted = self.keep - sum(len(x) for x in self.inputs)
+        if wanted > 0:
+            self.inputs.append(inputs[:wanted].float().clone())
+            self.reconstructions.append(reconstructions[:wanted].float().clone())
+        self.count += len(inputs)
+
+    def metrics(self) -> dict:
+        """{"mse", "psnr", "num_examples"}."""
+        if self.count == 0:
+            raise ValueError("need non-empty inputs and reconstructions")
+        return {"mse": _rounded(self.mse_sum / self.count), "psnr": _rounded(self.psnr_sum / self.count),
+                "num_examples": self.count}
+
+    def save_grid_png(self, path: str | Path) -> None:
+        """The kept inputs above their reconstructions (`save_reconstruction_grid_png`)."""
+        save_reconstruction_grid_png(torch.cat(self.inputs), torch.cat(self.reconstructions), path, n=self.keep)
+
+
+def reconstruction_metrics(inputs: torch.Tensor, reconstructions: torch.Tensor) -> dict:
+    """`ReconstructionTally.metrics` of one batch holding the whole split.
 
     Args:
-        inputs, reconstructions: (N, C, H, W) tensors of the same shape.
+        inputs, reconstructions: (N, C, H, W) tensors of the same shape, images in [0, 1].
     Returns:
         {"mse", "psnr", "num_examples"}.
     """
     if inputs.shape != reconstructions.shape or len(inputs) == 0:
         raise ValueError(f"need same-shape, non-empty inputs and reconstructions, got "
                          f"{tuple(inputs.shape)} and {tuple(reconstructions.shape)}")
-    inputs = inputs.detach().to("cpu", torch.float64)
-    reconstructions = reconstructions.detach().to("cpu", torch.float64)
-    per_image_mse = (inputs - reconstructions).square().flatten(1).mean(dim=1)  # (N,)
-    per_image_psnr = 10 * torch.log10(1.0 / per_image_mse.clamp(min=MIN_MSE))
-    return {"mse": _rounded(per_image_mse.mean()), "psnr": _rounded(per_image_psnr.mean()),
-            "num_examples": len(inputs)}
+    tally = ReconstructionTally(keep=0)
+    tally.add(inputs, reconstructions)
+    return tally.metrics()
 
 
 def save_confusion_matrix_png(matrix: list[list[int]], class_names: list[str], path: str | Path,
@@ -120,6 +198,8 @@ def save_confusion_matrix_png(matrix: list[list[int]], class_names: list[str], p
     counts = np.asarray(matrix, dtype=np.int64)  # (K, K)
     num_classes = len(class_names)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    from matplotlib.figure import Figure
+
     side = min(max(4.0, 0.5 * num_classes + 2.0), 16.0)
     fig = Figure(figsize=(side + 1.0, side))
     ax = fig.add_subplot()
@@ -149,6 +229,9 @@ def save_reconstruction_grid_png(inputs: torch.Tensor, reconstructions: torch.Te
     if inputs.shape != reconstructions.shape or inputs.ndim != 4 or inputs.shape[1] not in (1, 3):
         raise ValueError(f"expected two (N, 1|3, H, W) tensors of one shape, got "
                          f"{tuple(inputs.shape)} and {tuple(reconstructions.shape)}")
+    from matplotlib.figure import Figure
+    from torchvision.utils import make_grid
+
     n = min(n, len(inputs))
     pairs = torch.cat([inputs[:n], reconstructions[:n]]).detach().to("cpu", torch.float32).clamp(0, 1)
     grid = make_grid(pairs, nrow=n, padding=1, pad_value=1.0)  # (3, 2 * (H + 1) + 1, n * (W + 1) + 1)
@@ -180,6 +263,8 @@ def write_metrics_json(metrics: dict, path: str | Path) -> None:
 
 
 def _save(fig: Figure, path: str | Path, dpi: int = 100) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches itself to fig

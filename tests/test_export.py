@@ -82,6 +82,7 @@ def test_exported_file_reproduces_pytorch_within_tolerance(model, fmt, trained, 
     assert sidecar["input"]["shape"] == [None, 1, 8, 8] and sidecar["output"]["shape"] == [None, 10]
     assert sidecar["class_names"] == [str(d) for d in range(10)]
     assert sidecar["preprocessing"]["scale"] == "round(pixel / 255 * 16) / 16"
+    assert sidecar["preprocessing"]["resize_rule"] == "crop"  # data.resize, as predict applies it to files
     assert (sidecar["opset"] is not None) == (fmt == "onnx")
     # Any batch size: checked here on 3 and 1 images, independently of ptft's own check.
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -74,7 +74,9 @@ def read_image(path: Path, channels: int | None, size: tuple[int, int] | None,
     """
     with Image.open(path) as image:
         own_channels = channels_of(path, image.mode)
-        pixels = _eight_bit(image, path).convert("L" if (channels or own_channels) == 1 else "RGB")
+        pixels, wanted = _eight_bit(image, path), "L" if (channels or own_channels) == 1 else "RGB"
+        if pixels.mode != wanted:  # _eight_bit's image is already a copy: converting to its own mode copies again
+            pixels = pixels.convert(wanted)
     # After the 8-bit conversion, so wide samples are scaled once, exactly, before interpolation.
     pixels = fit(pixels, size, resize)
     width, height = pixels.size

@@ -14,8 +14,9 @@ from ptft.data.images import read_image
 from ptft.errors import DataError
 
 
-def decode_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """One image file as uint8 pixels of `shape` (C, H, W): grey or RGB as the model needs, resized.
+def decode_image(path: str, shape: tuple[int, int, int], resize: str) -> np.ndarray:
+    """One image file as uint8 pixels of `shape` (C, H, W): grey or RGB as the model needs, fitted to
+    its size by `resize` (data.resize: crop or stretch, as training fitted imagefolder's images).
 
     Raises:
         DataError: the file is missing, not an image, truncated or of pixels ptft cannot read
@@ -25,7 +26,7 @@ def decode_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
 
     channels, height, width = shape
     try:
-        pixels = read_image(Path(path), channels, (width, height))  # (H, W, C)
+        pixels = read_image(Path(path), channels, (width, height), resize)  # (H, W, C)
     except DataError as exc:
         # Its messages are written for training data: they start with the data.root key.
         raise DataError(str(exc).removeprefix("data.root: ")) from None
@@ -34,13 +35,13 @@ def decode_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
     return pixels.transpose(2, 0, 1)
 
 
-def decode_chunk(paths: list[str], shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str | None]]:
+def decode_chunk(paths: list[str], shape: tuple[int, int, int], resize: str) -> tuple[np.ndarray, list[str | None]]:
     """Decode a chunk of files (in a worker process): (G, C, H, W) uint8 of the readable ones, and
     for each path the reason it could not be read, or None."""
     images, errors = [], []
     for path in paths:
         try:
-            images.append(decode_image(path, shape))
+            images.append(decode_image(path, shape, resize))
             errors.append(None)
         except DataError as exc:
             errors.append(str(exc))

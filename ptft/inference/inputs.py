@@ -9,12 +9,13 @@ are taken as they come, and one that cannot be read becomes an error record.
 from __future__ import annotations
 
 import glob
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ptft.data.sources import IMAGE_SUFFIXES, _image_files
+from ptft.data.sources import IMAGE_SUFFIXES, _image_paths
 from ptft.errors import UserError
 
 STDIN = "-"
@@ -54,14 +55,25 @@ def expand_inputs(args: list[str], class_names: tuple[str, ...], stdin: TextIO |
 
 
 def _folder_items(folder: Path, class_names: tuple[str, ...]) -> list[Item]:
-    files = _image_files(folder)
+    files = _folder_files(folder)
     if not files:
         raise UserError(f"INPUT '{folder}': no images in this folder or below it (looked for files ending in "
                         f"{', '.join(IMAGE_SUFFIXES)})")
     labels = _class_folders(folder, class_names)
     if not labels:
-        return [Item(str(path)) for path in files]
-    return [Item(str(path), labels.get(path.relative_to(folder).parts[0])) for path in files]
+        return [Item(path) for path in files]
+    inside = 0 if folder == Path(".") else len(os.path.join(folder, ""))  # where a path's first subfolder starts
+    return [Item(path, labels.get(path[inside:].split(os.sep, 1)[0])) for path in files]
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """Regular image files under `folder`, sorted, named as Path names them ('a.png' in '.', not './a.png').
+
+    Plain strings: a Path per file costs more than listing the folder does. A broken link or a
+    FIFO named *.png is no input (opening a FIFO would block).
+    """
+    files = [path for path in _image_paths(folder) if os.path.isfile(path)]
+    return [path[2:] for path in files] if folder == Path(".") else files
 
 
 def _class_folders(folder: Path, class_names: tuple[str, ...]) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Training images are (C, H, W) float32 in [0, 1]: uint8 pixels / 255 (torchvision datasets,
 imagefolder) or the dataset's own float values (digits: pixel counts 0..16, divided by 16).
-A user's file becomes uint8 pixels as imagefolder's training images do (`decode.py`), then
+A user's file becomes uint8 pixels as imagefolder's training images do (`decode.py`: the
+same channel rules and the same data.resize rule, crop or stretch, to the model's size), then
 float in [0, 1] here, quantised to the dataset's pixel levels where it has them (digits), so
 an image written from the training data comes back bit for bit.
 """
@@ -20,7 +21,12 @@ from ptft.data.normalize import recorded_normalization
 from ptft.errors import DataError
 from ptft.meta import CheckpointMeta
 
-RESIZE_RULE = "bilinear (PIL) to height x width, aspect ratio ignored"
+# data.resize, as ptft.data.images.fit applies it to training images and to a user's files alike.
+RESIZE_RULES = {
+    "crop": "bilinear (PIL) from the largest centred region of height:width aspect ratio (as resizing the shorter "
+            "side to the size and cropping the centre, in one pass) to height x width",
+    "stretch": "bilinear (PIL) from the whole image to height x width, aspect ratio ignored",
+}
 GREY_FROM_RGB = "ITU-R 601-2 luma as PIL convert('L'): L = (19595 R + 38470 G + 7471 B + 32768) >> 16"
 PIXEL_RULES = "16-bit, float and alpha images as ptft.data.images reads them (alpha over black)"
 
@@ -33,6 +39,7 @@ class Preprocessing:
     height: int
     width: int
     class_names: tuple[str, ...]
+    resize: str  # data.resize: how a file of another size is fitted to (height, width); see RESIZE_RULES
     pixel_levels: int | None = None  # the dataset's pixels were counts 0..pixel_levels (digits: 16)
     # data.normalize's {"mean", "std"}: applied by the model itself (a hook on its encoder), not here
     normalization: dict | None = None
@@ -55,7 +62,7 @@ class Preprocessing:
             "layout": "NCHW", "dtype": "float32", "shape": [None, *self.input_shape],
             "color": "grey" if self.channels == 1 else "rgb",
             "grey_from_rgb": GREY_FROM_RGB if self.channels == 1 else None,
-            "resize": RESIZE_RULE, "pixels": PIXEL_RULES,
+            "resize": RESIZE_RULES[self.resize], "resize_rule": self.resize, "pixels": PIXEL_RULES,
             "scale": f"round(pixel / 255 * {levels}) / {levels}" if levels else "pixel / 255",
             # Nothing to subtract or divide outside: data.normalize's numbers travel inside the model.
             "mean": [0.0] * self.channels, "std": [1.0] * self.channels,
@@ -81,5 +88,6 @@ def preprocessing_of(cfg: Config, meta: CheckpointMeta) -> Preprocessing:
                 from None
         shape, class_names = data.input_shape, data.class_names
     channels, height, width = shape
-    return Preprocessing(channels, height, width, tuple(class_names), DATASETS.meta(cfg.data.name).get("pixel_levels"),
-                         recorded_normalization(meta))
+    # cfg is the checkpoint's config as trained: one written before data.resize existed reads as stretch.
+    return Preprocessing(channels, height, width, tuple(class_names), cfg.data.resize,
+                         DATASETS.meta(cfg.data.name).get("pixel_levels"), recorded_normalization(meta))

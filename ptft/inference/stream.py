@@ -51,26 +51,30 @@ def file_batches(items: list[Item], prep: Preprocessing, batch_size: int, worker
     """
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     paths = [[item.path for item in chunk] for chunk in chunks]
-    for chunk, (images, errors) in zip(chunks, _decoded_in_order(paths, prep.input_shape, workers)):
+    decoded = _decoded_in_order(paths, (prep.input_shape, prep.resize), workers)
+    for chunk, (images, errors) in zip(chunks, decoded):
         yield Batch(chunk, torch.from_numpy(images), errors)
 
 
-def _decoded_in_order(chunks: list[list[str]], shape: tuple, workers: int | None) -> Iterator[tuple]:
+def _decoded_in_order(chunks: list[list[str]], rule: tuple, workers: int | None) -> Iterator[tuple]:
+    # rule: (shape (C, H, W), resize), the arguments after the paths of every decode_chunk call
     if workers is None and chunks:
         started = time.perf_counter()
-        yield decode_chunk(chunks[0], shape)
+        yield decode_chunk(chunks[0], *rule)
         remaining = (time.perf_counter() - started) * (len(chunks) - 1)
-        cores = min(os.cpu_count() or 1, MAX_WORKERS, len(chunks) - 1)
+        # One core stays with this process, which runs the model and writes the records meanwhile: on
+        # 2 cores, 2 decoders beside the model's threads made predict 3x slower than no pool at all.
+        spare = min((os.cpu_count() or 1) - 1, MAX_WORKERS, len(chunks) - 1)
         # Starting workers costs about a second: small jobs finish sooner in this process.
-        workers = cores if cores > 1 and remaining > POOL_STARTUP_SECONDS else 0
+        workers = spare if spare >= 1 and remaining > POOL_STARTUP_SECONDS else 0
         chunks = chunks[1:]
     if not workers:
-        yield from (decode_chunk(chunk, shape) for chunk in chunks)
+        yield from (decode_chunk(chunk, *rule) for chunk in chunks)
     else:
-        yield from _pool_decoded(chunks, shape, workers)
+        yield from _pool_decoded(chunks, rule, workers)
 
 
-def _pool_decoded(chunks: list[list[str]], shape: tuple, workers: int) -> Iterator[tuple]:
+def _pool_decoded(chunks: list[list[str]], rule: tuple, workers: int) -> Iterator[tuple]:
     # spawn, not fork: the parent runs torch's thread pools and rich's refresh thread, which a
     # forked child could inherit mid-lock. A spawned worker imports decode.py (PIL, numpy) and
     # the caller's __main__ module (ptft's CLI: no torch), so it starts in well under a second.
@@ -78,7 +82,7 @@ def _pool_decoded(chunks: list[list[str]], shape: tuple, workers: int) -> Iterat
     try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.submit(decode_chunk, chunk, shape))
+            pending.append(pool.submit(decode_chunk, chunk, *rule))
             if len(pending) >= workers * CHUNKS_IN_FLIGHT_PER_WORKER:
                 yield pending.popleft().result()
         while pending:

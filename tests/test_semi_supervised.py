@@ -91,7 +91,11 @@ def test_strong_views_change_images_more_than_weak_views():
     strong = (views.strong(x, torch.Generator().manual_seed(1)) - x).abs().mean()
     assert 0 < weak < strong
     assert views.strong.cutout == 10 and views.weak.flip_p == 0.0  # a mirrored digit may be another digit
-    assert unlabelled_views((3, 32, 32)).weak.flip_p == 0.5  # a mirrored photo is still a photo
+    rgb = unlabelled_views((3, 32, 32))
+    assert rgb.weak.flip_p == 0.5  # a mirrored photo is still a photo
+    assert rgb.strong.saturation > 0 and views.strong.saturation == 0  # colour jitter where there is colour
+    photos = torch.rand((64, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert rgb.strong(photos, torch.Generator().manual_seed(1)).shape == photos.shape
 
 
 def _splits(n_labelled=30, n_unlabelled=200):

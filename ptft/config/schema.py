@@ -278,12 +278,29 @@ class TrainSection(_Section):
     knn_monitor: bool = False
     """Also log val/knn_acc at every validation: k-NN accuracy (k=20) of the encoder's validation features
     against the labelled train examples'; usable as checkpoint.monitor to pick a label-free pretraining."""
+    deterministic: bool = False
+    """Bitwise-repeatable runs on a GPU: deterministic algorithms only (an error names any op that has none),
+    no cuDNN autotuning, no TF32. Costs speed, how much depends on the model (deterministic convolution
+    and scatter kernels are the slow ones). CPU runs are repeatable either way."""
+    tf32: bool | None = None
+    """TF32 matmuls and convolutions on CUDA (Ampere and newer): float32 inputs rounded to a 10-bit
+    mantissa, for up to 8x the float32 matmul throughput. null: on, unless deterministic is true."""
+    dist_timeout_s: int = Field(7200, ge=1)
+    """Under torchrun: seconds a rank waits for the others at a collective before the job fails. Generous,
+    because rank 0 alone validates, evaluates and writes checkpoints while the others wait."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
         if (self.epochs is None) == (self.max_steps is None):
             got = "neither" if self.epochs is None else "both"
             raise _conflict(("epochs", "max_steps"), f"set exactly one of the two; got {got}")
+        return self
+
+    @model_validator(mode="after")
+    def _repeatable_without_tf32(self) -> TrainSection:
+        if self.deterministic and self.tf32:
+            raise _conflict(("deterministic", "tf32"), "deterministic runs use full float32 matmuls, the same "
+                                                       "figures on every GPU; set tf32 false or leave it null")
         return self
 
 

@@ -322,7 +322,15 @@ class Augment:
         return self != Augment()
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(N, C, H, W) -> an augmented (N, C, H, W) batch."""
+        """(N, C, H, W) -> an augmented (N, C, H, W) batch, computed in float32 even under autocast.
+
+        The objective calls it inside the training step's autocast; views are data, not model
+        arithmetic, so bf16/fp16 runs see the very views an fp32 run sees for the same seed.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            return self._views(x, generator)
+
+    def _views(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         matrices = (crop_matrices(x, self.crop_scale, self.crop_ratio, generator)
                     @ rotation_matrices(x, self.max_rotation, generator)
                     @ translation_matrices(x, self.max_shift, generator))

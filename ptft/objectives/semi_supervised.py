@@ -19,6 +19,11 @@ from torch import nn
 from ptft.objectives.augment import Augment
 
 
+# Colour jitter of the strong view of RGB images: RandAugment's brightness, contrast and colour
+# ops at about half their largest magnitude, on 80% of the images.
+RGB_STRONG_COLOUR = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "jitter_p": 0.8}
+
+
 @dataclass(frozen=True)
 class Views:
     """The weak and strong augmentations of unlabelled images."""
@@ -33,13 +38,14 @@ def unlabelled_views(input_shape: tuple[int, int, int]) -> Views:
     Weak: a shift of up to 1/8 of the image (and a left-right flip for colour photos, which a
     mirror does not change; a mirrored digit or letter may be another one). Strong: larger crops,
     shifts and rotations, then a cutout of 3/8 of the side, FixMatch's RandAugment + Cutout in
-    the geometric ops that ptft's batched augmentations have.
+    the ops that ptft's batched augmentations have; colour photos also get colour jitter.
     """
     channels, side = input_shape[0], min(input_shape[1:])
     flip_p = 0.5 if channels == 3 else 0.0
+    colour = RGB_STRONG_COLOUR if channels == 3 else {}
     weak = Augment(max_shift=0.125, flip_p=flip_p)
     strong = Augment(crop_scale=(0.6, 1.0), crop_ratio=(3 / 4, 4 / 3), max_rotation=25.0, max_shift=0.15,
-                     flip_p=flip_p, cutout=max(1, side * 3 // 8))
+                     flip_p=flip_p, cutout=max(1, side * 3 // 8), **colour)
     return Views(weak, strong)
 
 

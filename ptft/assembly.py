@@ -63,6 +63,8 @@ def build_run(cfg: Config, device: torch.device, *, stage: str) -> Run:
     if plan is not None:  # finetune.unlabelled: none keeps the supervised objective as it is
         objective = semi_supervised(objective, cfg.finetune, tuple(data.input_shape))
     train_split = data.labelled if objective.needs_labels else data.unlabelled
+    if hasattr(objective, "fit_class_weights"):  # objective.class_weights: balanced counts the labelled subset
+        objective.fit_class_weights(train_split.y)
     return Run(cfg, device, stage, plan, data, model, objective, train_split)
 
 

@@ -156,3 +156,12 @@ def test_config_accepts_balanced_and_a_list_and_refuses_other_words(ptft, tmp_pa
     assert "class_weights: [1.0, 2.0]" in ptft("config", path, "objective.class_weights=[1, 2]").stdout
     refused = ptft("config", path, "objective.class_weights=inverse")
     assert refused.code == 2 and "objective.class_weights" in refused.stderr
+
+
+@pytest.mark.parametrize("unlabelled", ["none", "fixmatch"])
+def test_balanced_weights_finetune_through_the_cli(ptft, tmp_path, unlabelled):
+    cfg = tiny_finetune_config(tmp_path / "run", None, objective={"name": "supervised", "class_weights": "balanced"},
+                               finetune={"unlabelled": unlabelled, "unlabelled_ratio": 1})
+    result = ptft("finetune", write_yaml(tmp_path / "ft.yaml", cfg))
+    assert result.code == 0, result.stderr
+    assert result.last_line.endswith(("step-00000005", "step-00000010"))

@@ -104,6 +104,11 @@ class SemiSupervised(nn.Module):
         self.supervised = supervised
         self.method, self.views, self.threshold, self.weight = method, views, threshold, weight
 
+
+    def fit_class_weights(self, labels: torch.Tensor) -> None:
+        """objective.class_weights of the labelled part: see Supervised.fit_class_weights."""
+        if hasattr(self.supervised, "fit_class_weights"):
+            self.supervised.fit_class_weights(labels)
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.training:

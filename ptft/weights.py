@@ -204,36 +204,47 @@ def match_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, load_h
     """
     state = _library_to_ptft(model, state, encoder_prefix)
     target = model.state_dict()
-    report, to_load = KeyReport(), {}
+    matcher = _KeyMatcher(model, load_head, encoder_prefix)
+    report, to_load = matcher.report, matcher.to_load
     # The model's order, not the file's: safetensors stores keys sorted, torch files as saved,
     # and the same weights should give the same report. Unexpected keys keep the file's order.
     depth = {name: i for i, name in enumerate(target)}
     for name in sorted(state, key=lambda key: depth.get(key, len(depth))):
-        tensor = state[name]
         if name not in target:
             report.unexpected.append(name)
-            continue
-        wanted = target[name].shape
-        if name.startswith(HEAD_PREFIX) and (not load_head or tensor.shape != wanted):
-            report.skipped_head.append(name)
-        elif tensor.shape == wanted:
-            to_load[name] = tensor
-            report.loaded.append(name)
-        elif _channel_adaptable(tensor.shape, wanted):
-            # (out, C, kh, kw) -> (out, 1, kh, kw): on a grey image copied into C channels the
-            # summed filter gives exactly what the colour filter gave.
-            to_load[name] = tensor.sum(dim=1, keepdim=True)
-            report.adapted.append(name)
-        elif (adapted := _adapted_by_encoder(model, encoder_prefix, name, tensor, wanted)) is not None:
-            to_load[name] = adapted
-            report.adapted.append(name)
         else:
-            report.shape_mismatched.append((name, tuple(tensor.shape), tuple(wanted)))
+            matcher.file(name, state[name], target[name].shape)
     report.missing = [name for name in target if name not in state and not name.endswith(BATCH_COUNTER_SUFFIX)]
     hints = _mismatch_hints(model, report.shape_mismatched, encoder_prefix)
     _check_encoder_loaded(report, state, encoder_prefix, strict, source or "weights", hints)
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+class _KeyMatcher:
+    """Files each model key of a file under exactly one of the report's categories; what loads goes to `to_load`."""
+
+    def __init__(self, model: torch.nn.Module, load_head: bool, encoder_prefix: str):
+        self.model, self.load_head, self.encoder_prefix = model, load_head, encoder_prefix
+        self.report, self.to_load = KeyReport(), {}
+
+    def file(self, name: str, tensor: torch.Tensor, wanted: torch.Size) -> None:
+        report = self.report
+        if name.startswith(HEAD_PREFIX) and (not self.load_head or tensor.shape != wanted):
+            report.skipped_head.append(name)
+        elif tensor.shape == wanted:
+            self.to_load[name] = tensor
+            report.loaded.append(name)
+        elif _channel_adaptable(tensor.shape, wanted):
+            # (out, C, kh, kw) -> (out, 1, kh, kw): on a grey image copied into C channels the
+            # summed filter gives exactly what the colour filter gave.
+            self.to_load[name] = tensor.sum(dim=1, keepdim=True)
+            report.adapted.append(name)
+        elif (adapted := _adapted_by_encoder(self.model, self.encoder_prefix, name, tensor, wanted)) is not None:
+            self.to_load[name] = adapted
+            report.adapted.append(name)
+        else:
+            report.shape_mismatched.append((name, tuple(tensor.shape), tuple(wanted)))
 
 
 def _library_to_ptft(model: torch.nn.Module, state: dict, prefix: str) -> dict:

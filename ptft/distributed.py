@@ -12,6 +12,7 @@ validation metrics) is taken once for all of them.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -21,6 +22,9 @@ from ptft.errors import UserError
 
 # Stands for "no step" in `earliest`: larger than any step a run takes.
 _NO_STEP = 2**62
+# Under torchrun the ranks agree on an interrupt every this many steps: a Ctrl-C then costs at
+# most this many extra steps, and the loop no longer waits on a gloo all-reduce every step.
+INTERRUPT_CHECK_EVERY = 10
 
 # Where the loop's yes/no decisions are exchanged: a gloo group on the CPU even when
 # gradients go over NCCL, so the per-step interrupt check never waits for the GPU.
@@ -46,8 +50,12 @@ def is_writer() -> bool:
 
 
 @contextlib.contextmanager
-def session(device_spec: str):
+def session(device_spec: str, *, timeout_s: float):
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); yield this rank's device spec.
+
+    `timeout_s` (`train.dist_timeout_s`) bounds every collective of both groups: the others
+    wait that long while rank 0 alone validates, evaluates or writes a checkpoint, instead of
+    torch's default of 10 (NCCL) or 30 (gloo) minutes killing a healthy job.
 
     Raises:
         UserError: `train.device` names something one process per GPU cannot use.
@@ -58,8 +66,9 @@ def session(device_spec: str):
     global _control_group
     device_spec = _rank_device(device_spec)
     on_gpus = device_spec.startswith("cuda")
-    tdist.init_process_group(backend="nccl" if on_gpus else "gloo")
-    _control_group = tdist.new_group(backend="gloo") if on_gpus else None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    tdist.init_process_group(backend="nccl" if on_gpus else "gloo", timeout=timeout)
+    _control_group = tdist.new_group(backend="gloo", timeout=timeout) if on_gpus else None
     try:
         yield device_spec
         # Leave together: a rank tearing gloo down while another still uses it can abort (SIGABRT).
@@ -113,6 +122,20 @@ def wrap(module: torch.nn.Module, device: torch.device, *, find_unused: bool) ->
                                    find_unused_parameters=find_unused)
 
 
+def rewrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A fresh DDP around a wrapped module whose set of trainable parameters changed, else `module`.
+
+    DDP reads `requires_grad` once, when built: built after freezing, its buckets hold only the
+    trainable parameters (a linear probe all-reduces its head, not the frozen encoder); rebuilt
+    after unfreezing, they hold the newly trainable ones too. The old wrapper must be dropped.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(module, DistributedDataParallel):
+        return module
+    return wrap(module.module, device, find_unused=module.find_unused_parameters)
+
+
 def sync_gradients(module: torch.nn.Module, sync: bool):
     """Context for one backward: skip DDP's all-reduce on all but the last accumulated micro-batch."""
     if sync or not hasattr(module, "no_sync"):
@@ -131,6 +154,17 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return flag
     return bool(_all_reduce_int(int(flag), tdist.ReduceOp.MAX))
+
+
+def any_rank_every(flag: bool, step: int, every: int = INTERRUPT_CHECK_EVERY) -> bool:
+    """`any_rank`, asked only at steps that are multiples of `every` (False between them).
+
+    For decisions that can wait a few steps (an interrupt): one all-reduce per `every` steps
+    instead of one per step. Every rank asks at the same steps, so none waits for another.
+    """
+    if not is_distributed():
+        return flag
+    return any_rank(flag) if step % every == 0 else False
 
 
 def earliest(step: int) -> int:

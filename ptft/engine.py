@@ -26,7 +26,7 @@ from ptft.finetuning import FreezeSchedule, apply_freeze, keep_frozen_norms_in_e
 from ptft.meta import CheckpointMeta
 from ptft.rng import capture_rng_state, restore_rng_state
 from ptft.rundir import RunDir
-from ptft.runtime import InterruptFlag, autocast
+from ptft.runtime import InterruptFlag, autocast, peak_memory
 
 
 @dataclass
@@ -236,10 +236,14 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int,
         parts.scaler.unscale_(parts.optimizer)
         params = [p for group in parts.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+    # fp16: the scaler skips a step whose gradients hold inf/NaN and lowers its scale; the schedule
+    # must not advance for an update that never happened. Reading the scale syncs, so only then.
+    scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else None
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
-    parts.scheduler.step()
+    if scale is None or parts.scaler.get_scale() >= scale:
+        parts.scheduler.step()
     return (losses[0] if settings.accumulate == 1 else sum(losses) / settings.accumulate), logs
 
 
@@ -330,10 +334,13 @@ class _Loop:
             apply_freeze(self.parts.model, patterns)
             self.frozen = patterns
             self.train_mode_stale = True
+            # DDP buckets what requires a gradient when it is built: rebuilt after freezing (a linear
+            # probe all-reduces its head alone) and once more at the unfreeze.
+            self.parts.step_module = dist.rewrap(self.parts.step_module, self.parts.device)
 
     def log_train(self, step: int, epoch: float) -> dict:
         self.check_finite()
-        record = {"step": step, "epoch": round(epoch, 4), "lr": self.parts.optimizer.param_groups[0]["lr"]}
+        record = {"step": step, "epoch": round(epoch, 4), **_lr_record(self.parts.optimizer)}
         if self.loss_count:
             # Each rank's mean over its slice; their average is the global batch's mean.
             record["train/loss"] = dist.average(self.losses[:self.loss_count].mean()).item()
@@ -368,9 +375,18 @@ class _Loop:
         }
         tracker = self.tracker
         meta = self.meta_base.at(step=step, epoch=epoch, metrics=metrics,
-                                 best={"monitor": tracker.monitor, "value": tracker.best, "step": tracker.best_step})
+                                 best={"monitor": tracker.monitor, "value": tracker.best, "step": tracker.best_step},
+                                 memory=peak_memory(parts.device))
         return ckpt.save_checkpoint(self.run_dir, ckpt.pack_weights(parts.model, parts.objective), state, meta,
                                     best=best, keep_last=self.settings.keep_last, protect=self.protect)
+
+
+def _lr_record(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`lr` when every group trains at one rate (old metrics stay readable), else `lr/<group>` each."""
+    groups = optimizer.param_groups
+    if len({group["lr"] for group in groups}) == 1:
+        return {"lr": groups[0]["lr"]}
+    return {f"lr/{group.get('name', index)}": group["lr"] for index, group in enumerate(groups)}
 
 
 def _save_due(settings: LoopSettings, step: int, evaluated: bool) -> bool:
@@ -407,7 +423,7 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, tracker: Be
             if improved or _save_due(settings, step, evaluated=metrics is not None):
                 loop.save(step, epoch, metrics or {}, best=improved)
             bar.advance(step)
-            if dist.any_rank(interrupt.raised):
+            if dist.any_rank_every(interrupt.raised, step):  # an all-reduce every few steps, not every step
                 loop.save_unless_saved(step, epoch, {})
                 raise TrainingInterrupted(str(loop.last_saved) if loop.last_saved else None)
             if metrics is not None and dist.any_rank(tracker.should_stop):

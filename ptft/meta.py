@@ -26,6 +26,9 @@ FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
 
 
+_WRITTEN_WHEN_SET = ("memory",)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointMeta:
     """One checkpoint's meta.json. Fields default to "not recorded" (older checkpoints, tests)."""
@@ -45,18 +48,25 @@ class CheckpointMeta:
     epoch: float | None = None
     metrics: dict = field(default_factory=dict)  # validation metrics of this step, if it evaluated
     best: dict | None = None  # {"monitor", "value", "step"}: the run's best so far
+    # Peak memory of this process up to this checkpoint (runtime.peak_memory): sizes the machine a
+    # stage needs. {"device": "cuda:0", "peak_host_bytes": int, "peak_device_bytes": int | None}
+    memory: dict | None = None
     format_version: int = FORMAT_VERSION
 
-    def at(self, *, step: int, epoch: float, metrics: dict, best: dict) -> CheckpointMeta:
+    def at(self, *, step: int, epoch: float, metrics: dict, best: dict, memory: dict | None = None) -> CheckpointMeta:
         """A copy for the checkpoint of `step`."""
-        return dataclasses.replace(self, step=step, epoch=round(epoch, 4), metrics=metrics, best=best)
+        return dataclasses.replace(self, step=step, epoch=round(epoch, 4), metrics=metrics, best=best,
+                                   memory=memory)
 
     def with_lineage_of(self, saved: CheckpointMeta) -> CheckpointMeta:
         """A copy keeping `saved`'s parent and lineage: they belong to the run, not to one invocation."""
         return dataclasses.replace(self, parent=saved.parent, lineage=list(saved.lineage))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Keys added after format 1 appear only when recorded: an older checkpoint's meta.json
+        # reads back and writes out byte-identical.
+        return {key: value for key, value in data.items() if key not in _WRITTEN_WHEN_SET or value is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> CheckpointMeta:

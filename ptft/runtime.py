@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sys
 
 import torch
 
+from ptft.console import note
 from ptft.errors import UserError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,12 +64,51 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def configure_backend(device: torch.device) -> None:
-    """Fast kernels on CUDA: cuDNN autotuning and TF32 matmuls."""
+def configure_backend(device: torch.device, train) -> None:
+    """Kernel choices for a run (`cfg.train`): speed by default, bitwise repeatability on request.
+
+    By default CUDA autotunes cuDNN convolutions and runs float32 matmuls in TF32: fastest, but
+    two runs may differ in the last bits. `train.deterministic` turns both off and makes PyTorch
+    use deterministic algorithms only. Set every time, so one run's choice never leaks into the
+    next run of the same process.
+    """
+    deterministic = train.deterministic
+    tf32 = (not deterministic) if train.tf32 is None else train.tf32
+    if deterministic:
+        # cuBLAS reads this when it creates its handle (the first CUDA matmul, which is later):
+        # without it, deterministic cuBLAS calls raise.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        _warn_if_bf16_is_emulated(train.precision, device)
+
+
+def _warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
+    # Before Ampere, bf16 has no tensor cores: it runs, emulated, slower than fp32.
+    major, minor = torch.cuda.get_device_capability(device)
+    if precision == "bf16" and major < 8:
+        note(f"warning: train.precision=bf16 on a GPU of compute capability {major}.{minor} (< 8.0) is emulated "
+             f"and slower than fp32; use fp16 (with its grad scaler) or fp32 there")
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: host resident set, and CUDA's allocated bytes on a GPU.
+
+    Host: the maximum resident set size (getrusage), which includes Python, torch's libraries and
+    data on the CPU. Device: torch.cuda.max_memory_allocated, i.e. tensors, not the caching
+    allocator's reserve or the CUDA context. None where it is not measured (MPS).
+    """
+    import resource
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host = peak_rss if sys.platform == "darwin" else peak_rss * 1024  # macOS counts bytes, Linux KiB
+    on_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"device": str(device), "peak_host_bytes": int(host),
+            "peak_device_bytes": None if on_device is None else int(on_device)}
 
 
 class InterruptFlag:
@@ -97,7 +138,8 @@ class InterruptFlag:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
         self.raised = True
-        print("\ninterrupt received: saving a resumable checkpoint (again to abort)", file=sys.stderr)
+        # Ctrl-C reaches every torchrun process; rank 0 alone says so (note is silent elsewhere).
+        note("\ninterrupt received: saving a resumable checkpoint (again to abort)")
 
 
 def _is_main_thread() -> bool:

@@ -52,10 +52,11 @@ def train(cfg: Config, stage: str, *, resume: bool = False, overwrite: bool = Fa
         TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was written (exit 130).
     """
     # `held` keeps the run dir's lock (taken by rank 0 in _prepare) until fitting ends.
-    with dist.session(cfg.train.device) as device_spec, contextlib.ExitStack() as held:
+    with dist.session(cfg.train.device, timeout_s=cfg.train.dist_timeout_s) as device_spec, \
+            contextlib.ExitStack() as held:
         device = resolve_device(device_spec)
         check_precision(cfg.train.precision, device)
-        configure_backend(device)
+        configure_backend(device, cfg.train)
         seed_everything(cfg.run.seed)
         run = build_run(cfg, device, stage=stage)
         parent = check_before_training(run, resume)

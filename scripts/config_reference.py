@@ -42,7 +42,7 @@ def reference() -> str:
             if key == "options":  # the builder's own keys, shown as `<option>` below
                 continue
             default = "required" if spec.is_required() else f"`{spec.default!r}`".replace("|", "\\|")
-            lines.append(f"| `{section}.{key}` | {_type_name(spec.annotation)} | {default} | {spec.description or ''} |")
+            lines.append(f"| `{section}.{key}` | {_type_name(spec.annotation)} | {default} | {' '.join((spec.description or '').split())} |")
         if section in ("model", "objective"):
             lines.append(f"| `{section}.<option>` | | | options of the chosen builder: see `ptft models` and below |")
         lines.append("")

@@ -9,6 +9,7 @@ CLI in a fresh process (`python -m ptft ...`) and records its exit code, wall ti
   train        a conv autoencoder and a ResNet-18 classifier at bf16 and fp16, with and without
                train.compile: wall time, steps/s and final val/loss
   resume       N steps unbroken vs N/2 + --resume N/2 on the device: max |weight difference|
+  deterministic  train.deterministic=true twice: bitwise equal weights on the device too
   evaluate     evaluate's peak device memory, read in-process (torch.cuda.max_memory_allocated)
   torchrun     a one-process torchrun smoke of pretrain (NCCL when more than one GPU is visible)
 
@@ -98,13 +99,29 @@ def check_resume(ctx: argparse.Namespace, work: Path) -> dict:
     result = {"check": "resume", "rc": max(whole["rc"], half["rc"], rest["rc"]),
               "seconds": round(whole["seconds"] + half["seconds"] + rest["seconds"], 2)}
     if result["rc"] == 0:
-        from safetensors.torch import load_file
-
-        a = load_file(str(Path(whole["last"]) / "model.safetensors"))
-        b = load_file(str(Path(rest["last"]) / "model.safetensors"))
-        result["max_abs_diff"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-        result["bitwise_equal"] = all(bool((a[k] == b[k]).all()) for k in a)
+        result.update(compare_weights(Path(whole["last"]), Path(rest["last"])))
     return result
+
+
+def check_deterministic(ctx: argparse.Namespace, work: Path) -> dict:
+    """train.deterministic=true twice: on a GPU too the two runs must end bitwise equal."""
+    config, *model = (DRY_RUN_MODELS if ctx.dry_run else TRAIN_MODELS)["conv_ae"]
+    runs = [ptft(["pretrain", str(REPO / config), *model, *ctx.common, "train.deterministic=true",
+                  f"run.dir={work / f'deterministic-{i}'}", "--overwrite"], work) for i in (1, 2)]
+    result = {"check": "deterministic", "rc": max(r["rc"] for r in runs),
+              "seconds": round(sum(r["seconds"] for r in runs), 2),
+              "stderr_tail": next((r["stderr_tail"] for r in runs if r["rc"]), "")}
+    if result["rc"] == 0:
+        result.update(compare_weights(Path(runs[0]["last"]), Path(runs[1]["last"])))
+    return result
+
+
+def compare_weights(a_dir: Path, b_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    return {"max_abs_diff": max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
+            "bitwise_equal": all(bool((a[k] == b[k]).all()) for k in a)}
 
 
 def check_evaluate_memory(ctx: argparse.Namespace, work: Path) -> dict:
@@ -164,7 +181,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ptft-gpu-check-") as tmp:
         work = Path(tmp)
         rows = [check_bench(ctx, work), *check_train(ctx, work), check_resume(ctx, work),
-                check_evaluate_memory(ctx, work), check_torchrun(ctx, work)]
+                check_deterministic(ctx, work), check_evaluate_memory(ctx, work), check_torchrun(ctx, work)]
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dry_run": ctx.dry_run,
               "python": platform.python_version(), "device": device_name(ctx.device), "checks": rows}
     ctx.out.mkdir(parents=True, exist_ok=True)

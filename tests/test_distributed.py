@@ -223,3 +223,52 @@ def _agree(rank: int, rendezvous: str) -> None:
 
 def test_ranks_agree_on_stops_steps_and_rank_0_results(tmp_path):
     torch.multiprocessing.spawn(_agree, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2)
+
+
+def test_dist_timeout_reaches_the_process_group_and_the_gloo_control_group(monkeypatch, tmp_path):
+    from ptft.config import config_from_dict
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "_rank_device", lambda spec: "cuda:0")  # the NCCL + gloo control group path
+    monkeypatch.setattr(dist.tdist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(dist.tdist, "new_group", lambda **kw: calls.append(("group", kw)))
+    monkeypatch.setattr(dist.tdist, "barrier", lambda *a, **kw: None)
+    monkeypatch.setattr(dist.tdist, "destroy_process_group", lambda *a, **kw: None)
+    train = config_from_dict(tiny_pretrain_config(tmp_path), "t.yaml", ["train.dist_timeout_s=5"]).train
+    with dist.session("cuda", timeout_s=train.dist_timeout_s):
+        pass
+    assert [(name, kw["timeout"].total_seconds()) for name, kw in calls] == [("init", 5.0), ("group", 5.0)]
+    default = config_from_dict(tiny_pretrain_config(tmp_path), "t.yaml").train.dist_timeout_s
+    assert default >= 3600  # rank 0 may validate or save for long: far above torch's 10/30 minutes
+
+
+def test_ranks_exchange_the_interrupt_flag_only_every_few_steps(monkeypatch):
+    asked: list[bool] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "any_rank", lambda flag: asked.append(flag) or flag)
+    seen = [dist.any_rank_every(True, step, every=5) for step in range(1, 21)]
+    assert len(asked) == 4 and seen == [step % 5 == 0 for step in range(1, 21)]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the flag itself at every step, no exchange
+    assert all(dist.any_rank_every(True, step, every=5) for step in range(1, 6)) and len(asked) == 4
+
+
+@pytest.mark.slow
+def test_a_linear_probe_all_reduces_only_the_head_until_it_unfreezes(tmp_path):
+    probe = dict(data={"name": "digits", "batch_size": 64}, model={"name": "tiny_mlp_classifier"},
+                 objective={"name": "supervised"}, finetune={"mode": "linear_probe", "unfreeze_at_step": 4},
+                 train={"max_steps": 8, "eval_every_steps": 8, "log_every_steps": 8})
+    config = write_yaml(tmp_path / "probe.yaml", {**tiny_pretrain_config(tmp_path / "run", **probe),
+                                                   "init": {"checkpoint": None}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "ddp_comm_counter.py"), str(tmp_path), "finetune", str(config)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = _last_weights(tmp_path / "run")
+    head = sum(t.numel() for key, t in weights.items() if key.startswith("head."))
+    everything = sum(t.numel() for t in weights.values())
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # Steps 1-4 train the head alone, 5-8 everything: DDP rebuilt once, at the unfreeze.
+        assert counts["floats"] == 4 * head + 4 * everything, counts

@@ -84,6 +84,36 @@ def test_classification_rejects_mismatched_inputs():
         report.classification_metrics(torch.zeros(2, 3), torch.tensor([0, 3]), ["a", "b", "c"])
 
 
+def test_classification_tally_over_batches_equals_sklearn_on_the_whole_split():
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(103, 7, generator=generator), torch.randint(0, 6, (103,), generator=generator)
+    tally = report.ClassificationTally(list("abcdefg"))
+    for start in range(0, 103, 10):  # ragged last batch
+        tally.add(logits[start:start + 10], labels[start:start + 10])
+    metrics = tally.metrics()
+    y_true, y_pred = labels.numpy(), logits.argmax(1).numpy()
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(7), zero_division=0)
+    assert metrics["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=range(7)).tolist()
+    assert metrics["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-6)
+    assert [metrics["per_class"][c]["f1"] for c in "abcdefg"] == pytest.approx(f1, abs=1e-6)
+    assert [metrics["per_class"][c]["precision"] for c in "abcdefg"] == pytest.approx(precision, abs=1e-6)
+    assert [metrics["per_class"][c]["recall"] for c in "abcdefg"] == pytest.approx(recall, abs=1e-6)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits.double(), labels).item(), abs=1e-6)
+    assert metrics == report.classification_metrics(logits, labels, list("abcdefg"))
+
+
+def test_reconstruction_tally_over_batches_equals_the_whole_split_and_keeps_only_the_pictured():
+    generator = torch.Generator().manual_seed(0)
+    inputs, recon = torch.rand(50, 1, 4, 4, generator=generator), torch.rand(50, 1, 4, 4, generator=generator)
+    tally = report.ReconstructionTally(keep=16)
+    for start in range(0, 50, 7):
+        tally.add(inputs[start:start + 7], recon[start:start + 7])
+    assert tally.metrics() == pytest.approx(report.reconstruction_metrics(inputs, recon), abs=1e-6)
+    assert sum(len(x) for x in tally.inputs) == 16 and torch.equal(torch.cat(tally.inputs), inputs[:16])
+
+
 # ---- reconstruction ------------------------------------------------------------------------------
 
 def test_psnr_of_known_mse():

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _safetensors_bytes
 
+from ptft.durable import fsync_path
 from ptft.errors import CheckpointError
 from ptft.meta import CheckpointMeta, meta_json_bytes, read_meta_json
 from ptft.rundir import BEST, LAST, RunDir, is_checkpoints_dir, list_step_dirs, step_dir_name
@@ -124,11 +125,7 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _fsync_dir(path: Path) -> None:
     # Makes the directory's entries (new files, renames) durable, not just the files' bytes.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 def _remove_stale_temps(ckpt_dir: Path) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from ptft.console import note
 from ptft.data.decoding import Decoded, DecodeOptions, decode_files
+from ptft.durable import fsync_path
 from ptft.errors import DataError
 
 FORMAT_VERSION = 1  # of the cache files themselves
@@ -135,9 +136,9 @@ def _write_pixels(npy: Path, decoded: Decoded) -> None:
         decoded.fill(out)
         out.flush()
         del out
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, npy)
-        _fsync(npy.parent)
+        fsync_path(npy.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -147,7 +148,7 @@ def _write_text(path: Path, text: str) -> None:
     temporary = _temporary_name(path)
     try:
         temporary.write_text(text)
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -158,12 +159,6 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_replaced(npy: Path, facts: dict) -> None:

@@ -154,14 +154,9 @@ def contrastive(model, input_shape: tuple[int, int, int], *, temperature: float 
     _require(temperature > 0, "temperature", "a temperature > 0", temperature)
     _require(projector_dim >= 1, "projector_dim", "an integer >= 1", projector_dim)
     _require(hidden_dim >= 1, "hidden_dim", "an integer >= 1", hidden_dim)
-    views = _view_options("contrastive", preset, input_shape, dict(
+    augment = _two_view_augment("contrastive", preset, input_shape, dict(
         crop_scale=crop_scale, crop_ratio=crop_ratio, max_rotation=max_rotation, max_shift=max_shift,
         noise_std=noise_std, cutout=cutout, flip=flip))
-    augment = _augment(input_shape, **views)
-    if preset == "simclr_rgb":
-        from ptft.objectives.contrastive import with_simclr_colour
-
-        augment = with_simclr_colour(augment, input_shape)
     return Contrastive(model.encoder.out_features, augment, temperature, hidden_dim, projector_dim)
 
 
@@ -180,16 +175,21 @@ def vicreg(model, input_shape: tuple[int, int, int], *, projector_dim: int = 128
     for key, weight in (("invariance_weight", invariance_weight), ("variance_weight", variance_weight),
                         ("covariance_weight", covariance_weight)):
         _require(weight >= 0, key, "a weight >= 0", weight)
-    views = _view_options("vicreg", preset, input_shape, dict(
+    augment = _two_view_augment("vicreg", preset, input_shape, dict(
         crop_scale=crop_scale, crop_ratio=crop_ratio, max_rotation=max_rotation, max_shift=max_shift,
         noise_std=noise_std, cutout=cutout, flip=flip))
-    augment = _augment(input_shape, **views)
+    return VICReg(model.encoder.out_features, augment, hidden_dim, projector_dim,
+                  invariance_weight, variance_weight, covariance_weight)
+
+
+def _two_view_augment(objective: str, preset: str, input_shape, options: dict):
+    """The views of a two-view objective (contrastive, vicreg): its options or its preset, plus colour for simclr_rgb."""
+    augment = _augment(input_shape, **_view_options(objective, preset, input_shape, options))
     if preset == "simclr_rgb":
         from ptft.objectives.contrastive import with_simclr_colour
 
         augment = with_simclr_colour(augment, input_shape)
-    return VICReg(model.encoder.out_features, augment, hidden_dim, projector_dim,
-                  invariance_weight, variance_weight, covariance_weight)
+    return augment
 
 
 def _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip):

@@ -361,7 +361,7 @@ def test_a_pool_of_processes_decodes_the_same_pixels_as_one_process(tmp_path):
     from ptft.data.decoding import DecodeOptions, decode_files
 
     root = mixed_tree(tmp_path / "images")
-    files = sources._image_files(root)
+    files = sources._image_paths(root)
     options = DecodeOptions(image_size=6)
     alone, pooled = decode_files(files, options, workers=0), decode_files(files, options, workers=2, chunk_files=3)
     assert alone.array().shape == (len(files), 3, 6, 6) and np.array_equal(alone.array(), pooled.array())
@@ -391,7 +391,7 @@ def test_a_corrupt_file_decoded_by_the_pool_is_a_data_error_naming_it(tmp_path):
     root = image_tree(tmp_path / "images")
     truncate(root / "train" / "dog" / "03.png")
     with pytest.raises(DataError, match=r"^data.root: cannot read image '.*dog.03\.png' \(image file is truncated\)"):
-        decode_files(sources._image_files(root), DecodeOptions(), workers=2, chunk_files=4)
+        decode_files(sources._image_paths(root), DecodeOptions(), workers=2, chunk_files=4)
 
 
 def test_skip_bad_files_trains_on_the_rest_and_lists_the_skipped_files_on_stderr(tmp_path, ptft):

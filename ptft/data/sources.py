@@ -16,7 +16,7 @@ import torch
 
 from ptft.console import note
 from ptft.data.cache import cached_decode
-from ptft.data.decoding import DecodeOptions, decode_files
+from ptft.data.decoding import DecodeOptions
 from ptft.data.splits import train_val_split
 from ptft.data.tensors import DatasetTensors
 from ptft.errors import DataError
@@ -225,11 +225,6 @@ def _require_readable_classes(train_dir: Path, classes: list[str], train_y: list
                             "as unreadable, data.skip_bad_files); fix or remove them")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, at any depth, in sorted order (predict's folders of inputs)."""
-    return [Path(path) for path in _image_paths(folder) if os.path.isfile(path)]
-
-
 def _image_paths(folder: Path) -> list[str]:
     """Image files under `folder`, at any depth, in sorted order (so the dataset order is stable).
 
@@ -260,8 +255,3 @@ def _class_images(split_dir: Path, classes: list[str]) -> tuple[list[str], list[
         files += found
         labels += [label] * len(found)
     return files, labels
-
-
-def _decode_images(files: list[str], image_size: int | None, root: Path, resize: str = "crop") -> torch.Tensor:
-    """Decode every file into one uint8 (N, C, H, W) tensor (grey or RGB, one size; see `decoding`), no cache."""
-    return torch.from_numpy(decode_files(files, DecodeOptions(image_size, resize)).array())

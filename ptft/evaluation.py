@@ -20,7 +20,7 @@ from ptft.data import build_data
 from ptft.data.batches import iterate_eval
 from ptft.data.fingerprint import val_overlap_problem
 from ptft.data.normalize import recorded_normalization
-from ptft.errors import UserError
+from ptft.errors import DataError, UserError
 from ptft.meta import CheckpointMeta
 from ptft.models import MODELS
 from ptft.rundir import RunDir
@@ -148,6 +148,10 @@ def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_sp
     out_file = Path(out) if out else RunDir(run_dir).eval_metrics(split)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     chosen = data.test if split == "test" else data.val
+    if len(chosen.x) == 0:
+        raise DataError(f"evaluate: the {split} split of {cfg.data.name} (data.root '{cfg.data.root}') holds no "
+                        f"images; add a test/ folder (or more images per class) or evaluate --split "
+                        f"{'val' if split == 'test' else 'test'}")
     kind = MODELS.meta(cfg.model.name).get("kind")
     batch_size = cfg.data.eval_batch_size
     if kind == "classifier":

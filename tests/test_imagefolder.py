@@ -464,3 +464,18 @@ def test_an_unknown_resize_rule_is_refused_by_config_validation(tmp_path, ptft):
     config = write_yaml(tmp_path / "c.yaml", tiny_pretrain_config(tmp_path / "run", data={"resize": "fit"}))
     result = ptft("config", config)
     assert result.code == 2 and "data.resize" in result.stderr and "expected one of 'crop', 'stretch'" in result.stderr
+
+
+def test_evaluate_of_a_folder_too_small_for_a_test_split_exits_2_naming_the_split(tmp_path, ptft):
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 60 * i + (100 if name == "b" else 0), dtype=np.uint8), mode="L").save(
+                root / "train" / name / f"{i}.png")
+    cfg = tiny_pretrain_config(tmp_path / "run", data={"name": "imagefolder", "root": str(root), "batch_size": 2,
+                                                       "val_fraction": 0.5}, train={"max_steps": 2})
+    assert ptft("pretrain", write_yaml(tmp_path / "c.yaml", cfg)).code == 0
+    result = ptft("evaluate", tmp_path / "run")
+    assert result.code == 2, result.stderr
+    assert "test split" in result.stderr and "--split val" in result.stderr and "Traceback" not in result.stderr

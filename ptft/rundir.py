@@ -135,8 +135,8 @@ RESUME_MUTABLE_KEYS = frozenset({
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `run_dir` (creating it) until the block ends.
+def run_dir_lock(run_dir: Path, *, resume: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (creating it, unless resuming) until the block ends.
 
     Two runs in one directory would delete each other's temp checkpoints and interleave
     metrics.jsonl. The lock is a flock on `RUN_DIR/.lock`, which holds the holder's pid for
@@ -148,6 +148,8 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         RunDirError: another live process holds the lock, or the directory cannot be written.
     """
     path = RunDir(run_dir).lock
+    if resume and not run_dir.is_dir():  # refused before the lock would create an empty run directory
+        raise RunDirError(NOTHING_TO_RESUME.format(run_dir=run_dir))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -175,6 +177,9 @@ def _lock(fd: int, run_dir: Path) -> None:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
+NOTHING_TO_RESUME = "--resume: run.dir '{run_dir}' holds no checkpoint to resume from"
+
+
 def holds_run(run_dir: Path) -> bool:
     run = RunDir(run_dir)
     return run.config.exists() or run.has_checkpoints()
@@ -194,7 +199,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | N
     run = RunDir(run_dir)
     if resume:
         if not run.has_checkpoints():
-            raise RunDirError(f"--resume: run.dir '{run_dir}' holds no checkpoint to resume from")
+            raise RunDirError(NOTHING_TO_RESUME.format(run_dir=run_dir))
         return resolve_checkpoint(run.last)
     if holds_run(run_dir):
         if not overwrite:

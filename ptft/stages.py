@@ -92,7 +92,7 @@ def check_before_training(run: Run, resume: bool) -> dict | None:
 
 def _prepare(run_dir: Path, cfg: Config, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> Path | None:
     """Rank 0: lock, check and clear the run directory, write the config; the checkpoint to resume from."""
-    held.enter_context(run_dir_lock(run_dir))  # before anything reads or clears the directory
+    held.enter_context(run_dir_lock(run_dir, resume=resume))  # before anything reads or clears the directory
     resume_from = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_compatible(run_dir, cfg)

@@ -141,3 +141,10 @@ def test_only_rundir_spells_the_names_of_a_runs_files():
     found = {str(path.relative_to(REPO)): hits for path in sorted(package.rglob("*.py"))
              if path != package / "rundir.py" and (hits := _path_literals(path))}
     assert found == {}, "ask ptft.rundir.RunDir for run-directory paths instead of spelling them"
+
+
+def test_resume_of_a_run_dir_that_does_not_exist_exits_2_and_creates_nothing(tmp_path, ptft):
+    cfg = tiny_pretrain_config(tmp_path / "never-ran")
+    result = ptft("pretrain", write_yaml(tmp_path / "c.yaml", cfg), "--resume")
+    assert result.code == 2 and "holds no checkpoint to resume from" in result.stderr
+    assert not (tmp_path / "never-ran").exists()

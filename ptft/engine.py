@@ -8,7 +8,6 @@ equal to an uninterrupted one, on every rank.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ptft.data.tensors import TensorSplit
 from ptft.errors import NonFiniteLossError, TrainingInterrupted, UserError
 from ptft.finetuning import FreezeSchedule, apply_freeze, keep_frozen_norms_in_eval
 from ptft.meta import CheckpointMeta
-from ptft.rng import capture_rng_state, restore_rng_state
+from ptft.rng import StepRandomness, capture_rng_state, restore_rng_state
 from ptft.rundir import RunDir
 from ptft.runtime import InterruptFlag, autocast, peak_memory
 
@@ -126,63 +125,6 @@ class TrainStep(torch.nn.Module):
 
     def forward(self, x, y, generator):
         return self.objective(self.model, x, y, generator)
-
-
-# 2**64 / golden ratio: odd, so rank * stride differs in the low 32 bits for every pair of ranks.
-_RANK_STRIDE = 0x9E3779B97F4A7C15
-
-
-def step_seed(run_seed: int, step: int, micro: int, rank: int = 0) -> int:
-    """Seed of the per-step generator (noise, masks, augmentations): a function of the step alone.
-
-    Under DDP each rank draws its own noise for its own slice of the batch; rank 0 draws
-    what a single process draws. A CPU generator keeps only the seed's low 32 bits, so the
-    rank enters them too, times an odd constant: ranks never share a seed at the same step.
-    """
-    return (run_seed * 1_000_003 + step * 64 + micro + rank * _RANK_STRIDE) % (2**63)
-
-
-def _model_rng_seed(run_seed: int, step: int, micro: int, rank: int) -> int:
-    """Seed of torch's global generators for one micro-batch; unrelated to `step_seed`'s stream."""
-    digest = hashlib.sha256(f"ptft-model-rng:{run_seed}:{rank}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _global_seeders(device: torch.device) -> list:
-    """Seed setters of the global generators a forward on `device` draws from (dropout)."""
-    seeders = [torch.default_generator.manual_seed]
-    if device.type == "cuda":
-        # This process's training GPU only: torch.manual_seed would reseed every GPU it sees.
-        torch.cuda.init()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        seeders.append(torch.cuda.default_generators[index].manual_seed)
-    elif device.type == "mps":
-        seeders.append(torch.mps.manual_seed)
-    return seeders
-
-
-class StepRandomness:
-    """Every random draw of a training micro-batch, as a function of (seed, rank, step, micro).
-
-    The objective draws noise, masks and views from `generator`; the model (dropout) draws from
-    torch's global generators. Both are reseeded before every micro-batch on every rank, rank 0
-    included, so what a step draws never depends on where the run last started: a resumed run
-    draws what an unbroken one does on each rank, and no rank's stream needs saving. Reseeding
-    takes microseconds and no device sync.
-    """
-
-    def __init__(self, run_seed: int, device: torch.device):
-        self.run_seed, self.rank = run_seed, dist.rank()
-        self.generator = torch.Generator(device=device)
-        self._seeders = _global_seeders(device)
-
-    def reseed(self, step: int, micro: int) -> torch.Generator:
-        """Seed every generator for micro-batch `micro` of `step`; return the objective's."""
-        self.generator.manual_seed(step_seed(self.run_seed, step, micro, self.rank))
-        model_seed = _model_rng_seed(self.run_seed, step, micro, self.rank)
-        for seed in self._seeders:
-            seed(model_seed)
-        return self.generator
 
 
 @torch.inference_mode()

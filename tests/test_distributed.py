@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, CliResult, tiny_pretrain_config, write_yaml
 from ptft import distributed as dist
-from ptft.engine import StepRandomness, step_seed
+from ptft.rng import StepRandomness, step_seed
 from ptft.errors import UserError
 
 # Deterministic per-example losses (no noise, no batch norm): DDP's averaged slice gradients

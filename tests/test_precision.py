@@ -52,7 +52,8 @@ def _parts_with_fp16_scaler(grad_of_step):
 
 
 def test_scheduler_does_not_advance_on_a_step_the_fp16_scaler_skipped():
-    from ptft.engine import StepRandomness, _optimizer_step
+    from ptft.engine import _optimizer_step
+    from ptft.rng import StepRandomness
 
     # Step 1's gradient is infinite: the scaler skips the update and lowers its scale.
     parts, settings, weight = _parts_with_fp16_scaler(lambda x: torch.where(x == 1, torch.inf, 1.0))

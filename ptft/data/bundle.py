@@ -38,13 +38,7 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
     name = data_cfg.name
     tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download,
                                                  **_image_options(name, data_cfg))
-    train_idx, val_idx = train_val_split(tensors.train_y, data_cfg.val_fraction, data_cfg.split_seed,
-                                         per_class=data_cfg.val_labels_per_class)
-    if len(val_idx) == 0:
-        raise _no_validation_examples(name, data_cfg.val_fraction, tensors.train_y)
-    # Indices into the dataset's train set, (L,) with L <= len(train_idx).
-    labelled_idx = train_idx[label_subset(tensors.train_y[train_idx], label_fraction=data_cfg.label_fraction,
-                                          labels_per_class=data_cfg.labels_per_class, seed=data_cfg.split_seed)]
+    train_idx, val_idx, labelled_idx = _split_indices(name, tensors.train_y, data_cfg)
     unlabelled = _to_device(*_unlabelled_examples(tensors, train_idx), device)
     # On the train split (and unlabelled images): what pretraining sees, whatever the label budget,
     # so a finetune on the same data computes the same numbers.
@@ -61,6 +55,18 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
         fingerprint=data_fingerprint(data_cfg, tensors.train_x, tensors.train_y, val_idx, labelled_idx),
         normalization=normalization,
     )
+
+
+def _split_indices(name: str, train_y: torch.Tensor, data_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, val, labelled) indices into the dataset's train set, drawn with data.split_seed."""
+    train_idx, val_idx = train_val_split(train_y, data_cfg.val_fraction, data_cfg.split_seed,
+                                         per_class=data_cfg.val_labels_per_class)
+    if len(val_idx) == 0:
+        raise _no_validation_examples(name, data_cfg.val_fraction, train_y)
+    # (L,) with L <= len(train_idx).
+    labelled_idx = train_idx[label_subset(train_y[train_idx], label_fraction=data_cfg.label_fraction,
+                                          labels_per_class=data_cfg.labels_per_class, seed=data_cfg.split_seed)]
+    return train_idx, val_idx, labelled_idx
 
 
 def _no_validation_examples(name: str, val_fraction: float, train_y: torch.Tensor) -> DataError:

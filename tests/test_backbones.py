@@ -418,7 +418,8 @@ def test_shipped_resnet50_lpft_config_finetunes_a_torchvision_file(tmp_path, ptf
     state = library_state("resnet50")
     torch.save(state, tmp_path / "resnet50.pth")
     result = ptft("finetune", REPO / "configs" / "resnet50_lpft.yaml", f"run.dir={tmp_path / 'run'}",
-                  f"data.root={colour_images}", "data.image_size=32", "data.labels_per_class=4", "data.batch_size=8",
+                  f"data.root={colour_images}", "data.image_size=32", "data.labels_per_class=4",
+                  "data.val_labels_per_class=2", "data.batch_size=8",
                   f"init.checkpoint={tmp_path / 'resnet50.pth'}", "train.max_steps=2", "train.eval_every_steps=2",
                   "finetune.unfreeze_at_step=1", "schedule.warmup_steps=0", "train.device=cpu")
     assert result.code == 0, result.stderr

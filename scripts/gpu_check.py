@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu", help="folder for <date>.json")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="holds MNIST/raw")
     parser.add_argument("--steps", type=int, default=300, help="training steps per timed run")
+    parser.add_argument("--budget-s", type=float, default=450,
+                        help="wall-clock budget: checks that would start after it are recorded as skipped")
     return parser.parse_args(argv)
 
 
@@ -70,22 +72,24 @@ def final_val_loss(run_dir: Path) -> float | None:
     return losses[-1] if losses else None
 
 
-def check_train(ctx: argparse.Namespace, work: Path) -> list[dict]:
-    rows = []
+def train_checks(ctx: argparse.Namespace, compiled: bool) -> list:
+    """One check per model and precision; eager ones run early, compiled ones last (they cost the most)."""
     precisions = ["bf16"] if ctx.dry_run else ["bf16", "fp16"]
-    compiles = [False] if ctx.dry_run else [False, True]
-    for name, base in (DRY_RUN_MODELS if ctx.dry_run else TRAIN_MODELS).items():
-        for precision in precisions:
-            for compiled in compiles:
-                run_dir = work / f"train-{name}-{precision}-{'compile' if compiled else 'eager'}"
-                result = ptft(["pretrain", str(REPO / base[0]), *base[1:], *ctx.common,
-                               f"train.precision={precision}", f"train.compile={str(compiled).lower()}",
-                               f"run.dir={run_dir}", "--overwrite"], work)
-                result.update(check="train", model=name, precision=precision, compile=compiled,
-                              steps_per_s=round(ctx.steps / result["seconds"], 2) if result["rc"] == 0 else None,
-                              val_loss=final_val_loss(run_dir))
-                rows.append(result)
-    return rows
+    models = DRY_RUN_MODELS if ctx.dry_run else TRAIN_MODELS
+    return [lambda work, n=name, b=base, p=precision: check_train(ctx, work, n, b, p, compiled)
+            for name, base in models.items() for precision in precisions]
+
+
+def check_train(ctx: argparse.Namespace, work: Path, name: str, base: list[str], precision: str,
+                compiled: bool) -> dict:
+    run_dir = work / f"train-{name}-{precision}-{'compile' if compiled else 'eager'}"
+    result = ptft(["pretrain", str(REPO / base[0]), *base[1:], *ctx.common,
+                   f"train.precision={precision}", f"train.compile={str(compiled).lower()}",
+                   f"run.dir={run_dir}", "--overwrite"], work)
+    result.update(check="train", model=name, precision=precision, compile=compiled,
+                  steps_per_s=round(ctx.steps / result["seconds"], 2) if result["rc"] == 0 else None,
+                  val_loss=final_val_loss(run_dir))
+    return result
 
 
 def check_resume(ctx: argparse.Namespace, work: Path) -> dict:
@@ -158,12 +162,12 @@ def check_torchrun(ctx: argparse.Namespace, work: Path) -> dict:
 
 def check_bench(ctx: argparse.Namespace, work: Path) -> dict:
     out = work / "bench.json"
+    # Lightning joins where it is installed (the GPU image has it); the dry run leaves it out for speed.
     steps = ["--steps", "10", "--warmup", "1", "--block", "5", "--cli-repeats", "0", "--dataset", "digits",
-                        "--workloads", "mlp_autoencoder"] \
+             "--workloads", "mlp_autoencoder", "--skip-lightning"] \
         if ctx.dry_run else ["--steps", "200", "--data-root", ctx.data_root]
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *steps, "--device", ctx.device,
-                           "--skip-lightning", "--json", str(out)], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+                           "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
     result = {"check": "bench", "rc": proc.returncode, "stderr_tail": proc.stderr[-600:] if proc.returncode else ""}
     if proc.returncode == 0:
         result["figures"] = json.loads(out.read_text())
@@ -178,18 +182,35 @@ def main(argv=None) -> int:
     ctx.common = [*data, f"train.device={ctx.device}", "train.epochs=null", f"train.max_steps={ctx.steps}",
                   f"train.eval_every_steps={ctx.steps}"]
     ctx.common_eval = [f"train.device={ctx.device}"]
-    with tempfile.TemporaryDirectory(prefix="ptft-gpu-check-") as tmp:
-        work = Path(tmp)
-        rows = [check_bench(ctx, work), *check_train(ctx, work), check_resume(ctx, work),
-                check_deterministic(ctx, work), check_evaluate_memory(ctx, work), check_torchrun(ctx, work)]
+    # Cheapest and most telling first: a lease can end mid-run, and the report is rewritten after
+    # every check so what ran is kept.
+    checks = [lambda work: check_bench(ctx, work), *train_checks(ctx, compiled=False),
+              lambda work: check_resume(ctx, work), lambda work: check_deterministic(ctx, work),
+              lambda work: check_evaluate_memory(ctx, work), lambda work: check_torchrun(ctx, work),
+              *([] if ctx.dry_run else train_checks(ctx, compiled=True))]
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dry_run": ctx.dry_run,
-              "python": platform.python_version(), "device": device_name(ctx.device), "checks": rows}
+              "python": platform.python_version(), "device": device_name(ctx.device), "checks": []}
     ctx.out.mkdir(parents=True, exist_ok=True)
     path = ctx.out / f"{dt.date.today().isoformat()}{'-dry-run' if ctx.dry_run else ''}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(rows)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ptft-gpu-check-") as tmp:
+        for check in checks:
+            if time.perf_counter() - start > ctx.budget_s:
+                report["checks"].append({"check": "skipped", "rc": 0, "reason": f"past --budget-s {ctx.budget_s}"})
+                continue
+            row = run_check(check, Path(tmp))
+            report["checks"].append(row)
+            print_table([row])
+            path.write_text(json.dumps(report, indent=2) + "\n")
     print(path)
-    return 0 if all(row["rc"] == 0 for row in rows) else 1
+    return 0 if all(row["rc"] == 0 for row in report["checks"]) else 1
+
+
+def run_check(check, work: Path) -> dict:
+    try:
+        return check(work)
+    except subprocess.TimeoutExpired as exc:  # one stuck check must not cost the figures of the others
+        return {"check": "timeout", "rc": 124, "error": str(exc)[:300]}
 
 
 def device_name(device: str) -> str:

@@ -9,22 +9,26 @@ as built (on the CPU, uncompiled, unwrapped, init weights not yet loaded): `buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ptft import distributed as dist
 from ptft.config import Config
+from ptft.console import note_class_counts
 from ptft.data import build_data
 from ptft.data.batches import Batches, DeviceBatches, iterate_eval
 from ptft.data.mixed import MixedBatches
 from ptft.data.normalize import attach_normalization
+from ptft.data.placement import place_splits
 from ptft.data.tensors import DataBundle, TensorSplit
+from ptft.ema import build_ema
 from ptft.engine import BestTracker, LoopSettings, TrainParts, TrainStep
 from ptft.errors import UserError
+from ptft.features import probe_features, switch_off_views, trains_on_features
 from ptft.finetuning import FinetunePlan, finetune_plan, leaves_parameters_unused, param_groups
 from ptft.knn_monitor import KnnMonitor
-from ptft.models import build_model
+from ptft.models import build_model, enable_grad_checkpointing
 from ptft.objectives import OBJECTIVES
 from ptft.objectives.semi_supervised import semi_supervised
 from ptft.optim import OPTIMIZERS, SCHEDULES
@@ -47,25 +51,59 @@ class Run:
 def build_model_for(cfg: Config, data: DataBundle) -> torch.nn.Module:
     """The config's model for the data's input shape and classes, on the CPU, its inputs normalised
     as data.normalize says (ptft.data.normalize)."""
-    return attach_normalization(build_model(cfg.model, data.input_shape, data.num_classes), data.normalization)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.objective.name)
+    return attach_normalization(model, data.normalization)
 
 
 def build_run(cfg: Config, device: torch.device, *, stage: str) -> Run:
-    """Data (on `device`), model and objective of a training stage ("pretrain" or "finetune").
+    """Data (the splits it reads placed for `device`), model and objective of a training stage ("pretrain"
+    or "finetune").
 
     Raises:
         UserError: a finetune of a model that is no classifier, bad data or model options.
     """
     plan = finetune_plan(cfg, stage)
-    data = dist.writer_first(build_data, cfg.data, device)  # a download happens once
+    # Placed below (place_splits), once the objective says which splits it reads.
+    data = dist.load_on_every_rank(build_data, cfg.data, device, reads=())
     model = build_model_for(cfg, data)
+    if cfg.train.grad_checkpointing:  # activations recomputed in the backward pass: less memory, more compute
+        enable_grad_checkpointing(model, cfg.model.name)
     objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
     if plan is not None:  # finetune.unlabelled: none keeps the supervised objective as it is
         objective = semi_supervised(objective, cfg.finetune, tuple(data.input_shape))
+    check_sampler(cfg, objective)
+    data = place_splits(data, stage_reads(cfg, plan, objective), device, cfg.data.placement)
     train_split = data.labelled if objective.needs_labels else data.unlabelled
+    if objective.needs_labels:
+        note_class_counts(torch.bincount(train_split.y.cpu(), minlength=data.num_classes).tolist(), data.class_names)
     if hasattr(objective, "fit_class_weights"):  # objective.class_weights: balanced counts the labelled subset
         objective.fit_class_weights(train_split.y)
     return Run(cfg, device, stage, plan, data, model, objective, train_split)
+
+
+def stage_reads(cfg: Config, plan: FinetunePlan | None, objective: torch.nn.Module) -> list[str]:
+    """The splits a training stage reads: only they are placed (data.placement). Test never is:
+    evaluate streams it."""
+    reads = ["labelled" if objective.needs_labels else "unlabelled", "val"]
+    if cfg.train.knn_monitor:
+        reads.append("labelled")  # the k-NN monitor's bank
+    if plan is not None and cfg.finetune.unlabelled != "none":
+        reads.append("unlabelled")  # semi-supervised finetuning's unlabelled batches
+    return reads
+
+
+def check_sampler(cfg: Config, objective: torch.nn.Module) -> None:
+    """Refuse data.sampler balanced for an objective that never sees labels: it has no classes to balance.
+
+    The objective's own `needs_labels` decides (a user's registered objective included), so this
+    check runs once the objective is built, before any data is batched.
+
+    Raises:
+        UserError: naming data.sampler and the objective.
+    """
+    if cfg.data.sampler == "balanced" and not objective.needs_labels:
+        raise UserError(f"data.sampler: 'balanced' balances the classes of labelled batches, but objective "
+                        f"{cfg.objective.name!r} trains without labels; set data.sampler: random (the default)")
 
 
 def build_train_parts(run: Run) -> tuple[TrainParts, LoopSettings]:
@@ -80,21 +118,43 @@ def build_train_parts(run: Run) -> tuple[TrainParts, LoopSettings]:
     objective.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    run, forward_model = on_features(run)
     batches = training_batches(run).shard(dist.rank(), dist.world_size())
     settings = loop_settings(cfg, batches.steps_per_epoch, run.plan)
     optimizer = OPTIMIZERS.get(cfg.optim.name)(param_groups(model, objective, run.plan, cfg.optim.lr), cfg.optim)
     scheduler = SCHEDULES.get(cfg.schedule.name)(optimizer, cfg.schedule, settings.total_steps)
+    ema = build_ema(cfg.train.ema_decay, model, objective, forward_model)  # copies the modules: before compiling
     if cfg.train.compile:
         # Compile the children in place: state-dict keys stay free of `_orig_mod.`.
         for child in model.children():
             child.compile()
-    step_module = dist.wrap(TrainStep(model, objective), device,
-                            find_unused=leaves_parameters_unused(run.plan, objective))
+    step_module = dist.wrap(TrainStep(model if forward_model is None else forward_model, objective), device,
+                            find_unused=leaves_parameters_unused(run.plan, objective)
+                            or getattr(model, "leaves_parameters_unused", False))  # models/decoders.py
     parts = TrainParts(model=model, objective=objective, optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
                        batches=batches, val=run.data.val, device=device, step_module=step_module,
-                       knn=KnnMonitor(run.data.labelled, run.data.num_classes) if cfg.train.knn_monitor else None)
+                       knn=KnnMonitor(run.data.labelled, run.data.num_classes) if cfg.train.knn_monitor else None,
+                       forward_model=forward_model,
+                       ema=ema)
     return parts, settings
+
+
+def on_features(run: Run) -> tuple[Run, torch.nn.Module | None]:
+    """The run as the loop sees it, and what the objective runs on its batches when not the model.
+
+    A linear probe frozen for the whole run (ptft/features.py) trains its head on the encoder's
+    features, computed here once (the model on the device, with the weights it starts from): its
+    labelled subset and validation split become features, the head is what the objective runs.
+    Any other run is itself, and the objective runs the model.
+    """
+    if not trains_on_features(run.plan, run.model):
+        return run, None
+    switch_off_views(run.objective)
+    probe = probe_features(run.model, run.train_split, run.data.val, batch_size=run.cfg.data.eval_batch_size,
+                           precision=run.cfg.train.precision)
+    data = replace(run.data, labelled=probe.train, val=probe.val)  # labelled: the k-NN monitor's bank
+    return replace(run, data=data, train_split=probe.train), probe.head
 
 
 def training_batches(run: Run) -> Batches:
@@ -103,8 +163,8 @@ def training_batches(run: Run) -> Batches:
     cfg, split = run.cfg, run.train_split
     if run.plan is not None and cfg.finetune.unlabelled != "none":
         return MixedBatches.from_splits(split, run.data.unlabelled, cfg.data.batch_size, cfg.finetune.unlabelled_ratio,
-                                        seed=cfg.run.seed)
-    return DeviceBatches(split.x, split.y, cfg.data.batch_size, seed=cfg.run.seed)
+                                        seed=cfg.run.seed, sampler=cfg.data.sampler)
+    return DeviceBatches(split.x, split.y, cfg.data.batch_size, seed=cfg.run.seed, sampler=cfg.data.sampler)
 
 
 def loop_settings(cfg: Config, batches_per_epoch: int, plan: FinetunePlan | None) -> LoopSettings:
@@ -116,7 +176,7 @@ def loop_settings(cfg: Config, batches_per_epoch: int, plan: FinetunePlan | None
         log_every=cfg.train.log_every_steps, save_every=cfg.checkpoint.every_steps,
         accumulate=cfg.train.accumulate, grad_clip=cfg.train.grad_clip, precision=cfg.train.precision,
         keep_last=cfg.checkpoint.keep_last, seed=cfg.run.seed, eval_batch_size=cfg.data.eval_batch_size,
-        freeze=plan.freeze if plan else None,
+        freeze=plan.freeze if plan else None, loggers=tuple(cfg.train.loggers),
     )
 
 

@@ -226,5 +226,6 @@ def main() -> None:
         sys.exit(_report_user_error(exc))
     except TrainingInterrupted as exc:
         where = f" (checkpoint: {exc.checkpoint}); continue with --resume" if exc.checkpoint else ""
-        print(f"interrupted{where}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 alone says so
+            print(f"interrupted{where}", file=sys.stderr)
         sys.exit(130)

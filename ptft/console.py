@@ -1,7 +1,8 @@
-"""What people see (stderr) and what machines read (metrics.jsonl).
+"""What people see (stderr), and the one result of a command (stdout).
 
 stdout is reserved for the one machine-readable result of a command; everything here
-writes to stderr or to files, except `write_stdout`, which writes that result.
+writes to stderr, except `write_stdout`, which writes that result. Metric records go to files
+through ptft/loggers.py.
 
 Under torchrun only rank 0 prints and writes: on the other ranks every function here does
 nothing, so callers never ask which rank they are on.
@@ -10,10 +11,8 @@ nothing, so callers never ask which rank they are on.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,35 +25,6 @@ def _is_writer() -> bool:
     # ptft.distributed.is_writer's rule (rank 0 of torchrun, or no torchrun), read from the
     # environment: this module stays torch-free, for config loading prints notes with it.
     return os.environ.get("RANK", "0") == "0"
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (rank 0; a no-op elsewhere)."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = Path(path)
-        self._enabled = _is_writer()
-        if not self._enabled:
-            return
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
-
-    def _truncate_after(self, step: int) -> None:
-        # A killed run may have logged steps past its last checkpoint; the resumed run
-        # logs them again, so drop them to keep one record per step.
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if not self._enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 class _Bar:
@@ -103,6 +73,24 @@ def note(message: str) -> None:
     """One line for people, on stderr."""
     if _is_writer():
         stderr.print(message, soft_wrap=True)
+
+
+# Labelled classes further apart than this (largest count / smallest) are worth a line at the start.
+IMBALANCE_RATIO = 1.5
+
+
+def note_class_counts(counts: list[int], class_names: list[str]) -> None:
+    """The labelled examples per class, on stderr, when they are imbalanced (see IMBALANCE_RATIO).
+
+    Only then: equal counts (a labels_per_class budget) would add a line of identical numbers to
+    every run, burying the warnings. A class with no example counts as imbalanced.
+    """
+    if not counts or (min(counts) > 0 and max(counts) / min(counts) <= IMBALANCE_RATIO):
+        return
+    shown = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
+    ratio = f"{max(counts) / min(counts):.1f}" if min(counts) else "inf"
+    note(f"labelled examples per class (imbalanced, largest/smallest {ratio}): {shown}; "
+         "data.sampler: balanced or objective.class_weights: balanced weighs the classes equally")
 
 
 def write_stdout(text: str) -> None:

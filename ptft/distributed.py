@@ -5,8 +5,10 @@ rest of ptft calls them unconditionally and never branches on whether it is dist
 
 Invariants that keep ranks from diverging or hanging: every rank reaches the same
 collectives in the same order (saves, checks and stop decisions happen at the same steps),
-and every decision that could differ between ranks (non-finite loss, interrupt, early stop,
-validation metrics) is taken once for all of them.
+and every decision that could differ between ranks (non-finite loss, interrupt, early stop)
+is taken once for all of them. Validation and evaluate are sharded: each rank computes sums
+over its slice of whole batches (`shard_rows`), and the sums over ranks are one process's.
+No rank waits on a collective while another prepares data, save for a download.
 """
 
 from __future__ import annotations
@@ -213,6 +215,90 @@ def on_writer(fn, *args, **kwargs):
     if status == "crash":
         raise RuntimeError(f"rank 0 failed: {value}")
     return value
+
+
+def share_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm statistics) on every rank, in place.
+
+    DDP sends rank 0's buffers at the start of each forward, so after a step each rank's hold its
+    own last batch's update; before the ranks validate slices, they take rank 0's (the saved ones).
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        tdist.broadcast(buffer, src=0)
+
+
+def shard_rows(rows: int, batch_size: int) -> slice:
+    """This rank's contiguous share of `rows` examples, in whole batches of `batch_size`.
+
+    Rank r takes batches [r * k, (r + 1) * k) of the ceil(rows / batch_size) batches (k their
+    ceiling share), so its batches are exactly those a single process makes there (a chunked
+    objective's figures depend on the chunking) and the shards, concatenated in rank order, are the
+    split in its own order. A rank may get an empty slice when there are fewer batches than ranks.
+    """
+    if not is_distributed():
+        return slice(0, rows)
+    batches = -(-rows // batch_size)
+    share = -(-batches // world_size())
+    start = min(rank() * share * batch_size, rows)
+    return slice(start, min(start + share * batch_size, rows))
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of `values` (a copy on the CPU): slice tallies -> the split's.
+
+    Over the gloo control group, so float64 and int64 sums work whatever carries the gradients.
+    """
+    values = values.detach().to("cpu", copy=True)
+    if is_distributed():
+        tdist.all_reduce(values, op=tdist.ReduceOp.SUM, group=_control_group)
+    return values
+
+
+def sum_by_key(values: dict[str, float]) -> dict[str, float]:
+    """Per-key sums over ranks of Python numbers; a key missing on a rank (no examples there) counts 0."""
+    if not is_distributed():
+        return dict(values)
+    every: list = [None] * world_size()
+    tdist.all_gather_object(every, dict(values), group=_control_group)
+    keys = [key for part in every for key in part]
+    return {key: sum(part.get(key, 0) for part in every) for key in dict.fromkeys(keys)}
+
+
+def gather_rows(rows: torch.Tensor | None, *, everywhere: bool = True) -> torch.Tensor | None:
+    """The ranks' `rows` (N_r, ...) concatenated in rank order (on the CPU under torchrun); None: no rows.
+
+    With `shard_rows` slices this is the whole split in its own order. `everywhere=False` gathers
+    on rank 0 alone (the others get None): for what only rank 0 uses, such as the probes' features.
+    """
+    if rows is None or len(rows) == 0:
+        rows = None
+    if not is_distributed():
+        return rows  # one process: where they are, no copy
+    rows = None if rows is None else rows.detach().cpu()
+    every: list = [None] * world_size()
+    if everywhere:
+        tdist.all_gather_object(every, rows, group=_control_group)
+    else:
+        tdist.gather_object(rows, every if is_writer() else None, dst=0, group=_control_group)
+        if not is_writer():
+            return None
+    present = [part for part in every if part is not None]
+    return torch.cat(present) if present else None
+
+
+def load_on_every_rank(build, data_cfg, *args, **kwargs):
+    """`build(data_cfg, *args, **kwargs)` on every rank at once: each decodes its own data.
+
+    No rank waits on a collective while another decodes (the decode cache is safe for concurrent
+    writers: the first takes the entry's lock, the others map what it wrote). A download alone is
+    done once: with `data.download` rank 0 builds first (torchvision downloads inside its loaders)
+    and the others start when it has finished.
+    """
+    if getattr(data_cfg, "download", False):
+        return writer_first(build, data_cfg, *args, **kwargs)
+    return build(data_cfg, *args, **kwargs)
 
 
 def writer_first(fn, *args, **kwargs):

@@ -17,11 +17,14 @@ import torch
 
 from ptft import checkpoint as ckpt
 from ptft import distributed as dist
-from ptft.console import MetricsLog, progress_bar
+from ptft.console import progress_bar
 from ptft.data.batches import Batches, iterate_eval
 from ptft.data.tensors import TensorSplit
+from ptft.ema import STATE_KEY as EMA_STATE_KEY
+from ptft.ema import ModelEma
 from ptft.errors import NonFiniteLossError, TrainingInterrupted, UserError
 from ptft.finetuning import FreezeSchedule, apply_freeze, keep_frozen_norms_in_eval
+from ptft.loggers import Throughput, open_loggers
 from ptft.meta import CheckpointMeta
 from ptft.rng import StepRandomness, capture_rng_state, restore_rng_state
 from ptft.rundir import RunDir
@@ -42,6 +45,10 @@ class TrainParts:
     device: torch.device
     step_module: torch.nn.Module  # what the loop calls: TrainStep, maybe DDP-wrapped
     knn: Callable[..., dict[str, float]] | None = None  # ptft.knn_monitor.KnnMonitor: adds val/knn_acc
+    ema: ModelEma | None = None  # train.ema_decay: the average, validated and saved in place of the trained weights
+    # What the objective runs on `batches` and `val` when not `model` itself: a linear probe on
+    # precomputed features runs the model's head alone (ptft/features.py). `model` is what is saved.
+    forward_model: torch.nn.Module | None = None
 
 
 @dataclass
@@ -97,6 +104,7 @@ class LoopSettings:
     seed: int
     eval_batch_size: int
     freeze: FreezeSchedule | None = None  # finetuning's; None: the loop leaves requires_grad alone
+    loggers: tuple[str, ...] = ("jsonl",)  # train.loggers: where records go (ptft/loggers.py)
 
 
 @dataclass
@@ -129,28 +137,62 @@ class TrainStep(torch.nn.Module):
 
 @torch.inference_mode()
 def evaluate_objective(parts: TrainParts, split, settings: LoopSettings) -> dict[str, float]:
-    """Mean objective loss (and its logs) over a split, with a fixed noise seed.
+    """Mean objective loss (and its logs) over a split, with fixed noise seeds.
 
     Batches of the objective's `eval_chunk_size` when it has one (its figures depend on the
     batching), else of `settings.eval_batch_size`: either way the figures do not change with
-    data.eval_batch_size, which --resume may change.
+    data.eval_batch_size, which --resume may change. Under torchrun each rank validates its slice
+    of whole batches (`dist.shard_rows`) and the sums are added over ranks: every rank gets the
+    figures of one process (up to float summation order), so best and early stop agree.
     """
-    parts.model.eval()
-    parts.objective.eval()
-    generator = torch.Generator(device=parts.device).manual_seed(settings.seed)
+    model, objective = _scored(parts)
+    for module in (model, objective):  # batch-norm statistics: rank 0's, the ones saved
+        dist.share_buffers(module)
+    model.eval()
+    objective.eval()
+    batch_size = getattr(parts.objective, "eval_chunk_size", None) or settings.eval_batch_size
+    sums = dist.sum_by_key(_objective_sums(parts.device, model, objective, split, batch_size, settings))
+    count = sums.pop(_EXAMPLES)
+    metrics = {f"val/{k}": v / count for k, v in sums.items()}
+    if getattr(parts, "knn", None) is not None:
+        metrics.update(parts.knn(model, split, settings.eval_batch_size))
+    return metrics
+
+
+def _saved(parts: TrainParts) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model and objective a checkpoint's model.safetensors holds: the EMA's when there is one."""
+    ema = getattr(parts, "ema", None)
+    return (ema.model, ema.objective) if ema is not None else (parts.model, parts.objective)
+
+
+def _scored(parts: TrainParts) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """What validation runs: the saved model, or its counterpart over `forward_model`'s inputs."""
+    model, objective = _saved(parts)
+    ema = getattr(parts, "ema", None)
+    forward_model = ema.forward_model if ema is not None else getattr(parts, "forward_model", None)
+    return (model if forward_model is None else forward_model), objective
+
+
+# Validation batch i draws its noise from seed + i * this (odd, so the low 32 bits a CPU generator
+# keeps differ for every i): the same noise whichever rank validates the batch; batch 0 keeps seed.
+_EVAL_BATCH_SEED_STRIDE = 0x9E3779B1
+_EXAMPLES = "#examples"  # the example count among the sums: no name an objective logs
+
+
+def _objective_sums(device, model, objective, split, batch_size: int, settings: LoopSettings) -> dict[str, float]:
+    """This rank's sums of the loss and logs over its slice (each batch's mean times its size), and its count."""
+    rows = dist.shard_rows(len(split.x), batch_size)
+    generator = torch.Generator(device=device)
     totals: dict[str, torch.Tensor] = {}
     count = 0
-    batch_size = getattr(parts.objective, "eval_chunk_size", None) or settings.eval_batch_size
-    for x, y in iterate_eval(split.x, split.y, batch_size):
-        with autocast(settings.precision, parts.device):
-            loss, logs = parts.objective(parts.model, x, y, generator)
+    for index, (x, y) in enumerate(iterate_eval(split.x[rows], split.y[rows], batch_size), rows.start // batch_size):
+        generator.manual_seed((settings.seed + index * _EVAL_BATCH_SEED_STRIDE) % 2**63)
+        with autocast(settings.precision, device):
+            loss, logs = objective(model, x, y, generator)
         for key, value in {"loss": loss, **logs}.items():
             totals[key] = totals.get(key, 0) + value.detach().float() * len(x)
         count += len(x)
-    metrics = {f"val/{k}": (v / count).item() for k, v in totals.items()}
-    if getattr(parts, "knn", None) is not None:
-        metrics.update(parts.knn(parts.model, split, settings.eval_batch_size))
-    return metrics
+    return {_EXAMPLES: count, **{key: value.item() for key, value in totals.items()}}
 
 
 def _train_mode(parts: TrainParts) -> None:
@@ -186,6 +228,8 @@ def _optimizer_step(parts: TrainParts, settings: LoopSettings, step: int,
     parts.optimizer.zero_grad(set_to_none=True)
     if scale is None or parts.scaler.get_scale() >= scale:
         parts.scheduler.step()
+        if getattr(parts, "ema", None) is not None:  # like the schedule: only after an update that happened
+            parts.ema.update()
     return (losses[0] if settings.accumulate == 1 else sum(losses) / settings.accumulate), logs
 
 
@@ -196,7 +240,9 @@ class _Loop:
         self.parts, self.settings, self.run_dir = parts, settings, Path(run_dir)
         self.tracker, self.meta_base = tracker, meta_base
         self.protect = (resumed.checkpoint,) if resumed else ()  # pruning keeps the checkpoint resumed from
-        self.log = MetricsLog(RunDir(run_dir).metrics, resume_step=resumed.step if resumed else None)
+        self.loggers = open_loggers(settings.loggers, RunDir(run_dir), resume_step=resumed.step if resumed else None)
+        # One batch tells the examples a step trains on: batches are drop_last, so every step's is that size.
+        self.throughput = Throughput(len(parts.batches.batch(0)[0]) * settings.accumulate * dist.world_size())
         # Losses of the steps since the last log record (the first at `window_start`), kept on the
         # device so no step forces a sync, and checked for NaN/inf when read (each record and save).
         # A record comes at least every `log_every` steps, so that many slots suffice.
@@ -218,6 +264,8 @@ class _Loop:
         """Optimizer step `step` (0-based), in train mode with the layers frozen at that step."""
         self.refresh_freeze(step)
         self.ensure_train_mode()
+        if self.loss_count == 0:  # the first step of a logging window
+            self.throughput.start()
         loss, logs = _optimizer_step(self.parts, self.settings, step, self.rng)
         self.note_loss(loss, step)
         self.train_logs = {key: logs[key] for key in getattr(self.parts.objective, "train_logs", ()) if key in logs}
@@ -232,14 +280,13 @@ class _Loop:
         record = self.log_train(step, epoch) if step % settings.log_every == 0 else None
         metrics, improved = None, False
         if step % settings.eval_every == 0 or step == settings.total_steps:
-            # Rank 0's figures (its weights and buffers are the ones saved) for every rank,
-            # so best/early-stop decisions agree; equal to a single process's figures.
-            metrics = dist.on_writer(evaluate_objective, self.parts, self.parts.val, settings)
+            # Every rank validates its slice; the figures, summed over ranks, are one process's.
+            metrics = evaluate_objective(self.parts, self.parts.val, settings)
             self.train_mode_stale = True  # evaluation left every module in eval mode
             improved = self.tracker.update(metrics, step)
             record = {**(record or self.log_train(step, epoch)), **metrics}
         if record is not None:
-            self.log.write(record)
+            self.loggers.log(step, record)
             bar.show(record)
         return metrics, improved
 
@@ -287,6 +334,10 @@ class _Loop:
             # Each rank's mean over its slice; their average is the global batch's mean.
             record["train/loss"] = dist.average(self.losses[:self.loss_count].mean()).item()
             record.update({f"train/{key}": dist.average(value.float()).item() for key, value in self.train_logs.items()})
+            record.update(self.throughput.record(self.loss_count))  # after .item(): the device has caught up
+        peak = peak_memory(self.parts.device)["peak_device_bytes"]  # CUDA only
+        if peak is not None:
+            record["perf/peak_device_bytes"] = peak
         self.loss_count = 0
         return record
 
@@ -315,11 +366,13 @@ class _Loop:
             "data": {"seed": self.settings.seed, "position": step * self.settings.accumulate,
                      "steps_per_epoch": parts.batches.steps_per_epoch},
         }
+        if parts.ema is not None:  # model.safetensors holds the average; the weights that train go here
+            state[EMA_STATE_KEY] = parts.ema.resume_state()
         tracker = self.tracker
         meta = self.meta_base.at(step=step, epoch=epoch, metrics=metrics,
                                  best={"monitor": tracker.monitor, "value": tracker.best, "step": tracker.best_step},
                                  memory=peak_memory(parts.device))
-        return ckpt.save_checkpoint(self.run_dir, ckpt.pack_weights(parts.model, parts.objective), state, meta,
+        return ckpt.save_checkpoint(self.run_dir, ckpt.pack_weights(*_saved(parts)), state, meta,
                                     best=best, keep_last=self.settings.keep_last, protect=self.protect)
 
 
@@ -356,7 +409,7 @@ def fit(parts: TrainParts, settings: LoopSettings, run_dir: Path, *, tracker: Be
     """
     loop = _Loop(parts, settings, run_dir, tracker, meta_base, resumed)
     step, stopped_early = resumed.step if resumed else 0, False
-    with InterruptFlag() as interrupt, progress_bar(settings.total_steps, step) as bar:
+    with InterruptFlag() as interrupt, progress_bar(settings.total_steps, step) as bar, loop.loggers:
         while step < settings.total_steps:
             loop.train_step(step)
             step += 1

@@ -6,6 +6,8 @@ checkpoint (plus optional overrides such as `data.root=...`).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,9 +22,10 @@ from ptft.data import build_data
 from ptft.data.batches import iterate_eval
 from ptft.data.fingerprint import val_overlap_problem
 from ptft.data.normalize import recorded_normalization
+from ptft.data.tensors import TensorSplit
 from ptft.errors import DataError, UserError
 from ptft.meta import CheckpointMeta
-from ptft.models import MODELS
+from ptft.models import model_kind
 from ptft.rundir import RunDir
 from ptft.runtime import configure_backend, resolve_device
 
@@ -72,41 +75,71 @@ def as_trained(config: dict) -> dict:
 # Evaluate streams: per batch it adds to metric tallies and drops the batch, so what it holds
 # does not grow with the split (a 200k-image folder fits as well as digits). Only the images a
 # picture shows and the encoder's features (float16, on the CPU) are kept.
+# Under torchrun each rank evaluates its slice of whole batches (`dist.shard_rows`): the tallies
+# are summed over ranks and the probes' features gathered on rank 0, which alone runs the probes,
+# draws the pictures (rank 0's slice starts the split: the same images) and writes metrics.json.
+# Each `_*_results` runs on every rank and returns what rank 0 then runs to finish, given eval/<split>/.
+
+def _my_slice(split: TensorSplit, batch_size: int) -> TensorSplit:
+    rows = dist.shard_rows(len(split.y), batch_size)
+    return TensorSplit(split.x[rows], split.y[rows])
+
 
 @torch.inference_mode()
-def _classifier_metrics(model, split, data, batch_size: int, out_dir: Path) -> dict:
+def _classifier_results(model, split, data, batch_size: int) -> Callable[[Path], dict]:
     tally = report.ClassificationTally(data.class_names)
-    for xb, yb in iterate_eval(split.x, split.y, batch_size):
+    mine = _my_slice(split, batch_size)
+    for xb, yb in iterate_eval(mine.x, mine.y, batch_size):
         tally.add(model(xb), yb)
+    tally.all_reduce()
+    return functools.partial(_finish_classifier, tally, data.class_names)
+
+
+def _finish_classifier(tally: report.ClassificationTally, class_names: list[str], out_dir: Path) -> dict:
     metrics = tally.metrics()
     picture = out_dir / "confusion_matrix.png"
-    report.save_confusion_matrix_png(metrics["confusion_matrix"], data.class_names, picture,
+    report.save_confusion_matrix_png(metrics["confusion_matrix"], class_names, picture,
                                      title=f"confusion matrix (accuracy {metrics['accuracy']:.3f})")
     metrics["files"] = {"confusion_matrix": str(picture)}
     return metrics
 
 
 @torch.inference_mode()
-def _reconstruction_metrics(model, split, batch_size: int, out_dir: Path) -> dict:
+def _reconstruction_tally(model, split, batch_size: int) -> report.ReconstructionTally:
     tally = report.ReconstructionTally()
-    for xb, _ in iterate_eval(split.x, split.y, batch_size):
+    mine = _my_slice(split, batch_size)
+    for xb, _ in iterate_eval(mine.x, mine.y, batch_size):
         tally.add(xb, model(xb))
-    picture = out_dir / "reconstructions.png"
-    tally.save_grid_png(picture)
-    return {**tally.metrics(), "files": {"reconstructions": str(picture)}}
+    tally.all_reduce()
+    return tally
 
 
-def _encoder_metrics(model, split, data, batch_size: int, seed: int, out_dir: Path) -> dict:
+def _encoder_results(model, split, data, batch_size: int, seed: int) -> Callable[[Path], dict]:
     """Reconstruction figures (autoencoders) and the encoder's k-NN / linear-probe accuracy."""
-    metrics: dict = {"num_examples": len(split.x), "files": {}}
-    if hasattr(model, "decoder"):
-        metrics.update(_reconstruction_metrics(model, split, batch_size, out_dir))
-    train_feats = probes.encode(model.encoder, data.labelled.x, batch_size)  # (N, D) float16, CPU
-    test_feats = probes.encode(model.encoder, split.x, batch_size)
-    metrics["knn_accuracy"] = report.knn_accuracy(train_feats, data.labelled.y, test_feats, split.y)
-    metrics["linear_probe_accuracy"] = report.linear_probe_accuracy(train_feats, data.labelled.y, test_feats,
-                                                                    split.y, seed=seed)
-    metrics["probe_train_examples"] = len(data.labelled.x)
+    reconstruction = _reconstruction_tally(model, split, batch_size) if hasattr(model, "decoder") else None
+    train_feats = _gathered_features(model.encoder, data.labelled, batch_size)  # (N, D) float16, CPU, rank 0
+    test_feats = _gathered_features(model.encoder, split, batch_size)
+    return functools.partial(_finish_encoder, reconstruction, (train_feats, data.labelled.y), (test_feats, split.y),
+                             seed)
+
+
+def _gathered_features(encoder, split: TensorSplit, batch_size: int):
+    mine = _my_slice(split, batch_size)
+    features = probes.encode(encoder, mine.x, batch_size) if len(mine.y) else None
+    return dist.gather_rows(features, everywhere=False)
+
+
+def _finish_encoder(reconstruction, train: tuple, test: tuple, seed: int, out_dir: Path) -> dict:
+    (train_feats, train_labels), (test_feats, test_labels) = train, test
+    metrics: dict = {"num_examples": len(test_labels), "files": {}}
+    if reconstruction is not None:
+        picture = out_dir / "reconstructions.png"
+        reconstruction.save_grid_png(picture)
+        metrics.update({**reconstruction.metrics(), "files": {"reconstructions": str(picture)}})
+    metrics["knn_accuracy"] = report.knn_accuracy(train_feats, train_labels, test_feats, test_labels)
+    metrics["linear_probe_accuracy"] = report.linear_probe_accuracy(train_feats, train_labels, test_feats,
+                                                                    test_labels, seed=seed)
+    metrics["probe_train_examples"] = len(train_labels)
     return metrics
 
 
@@ -125,9 +158,9 @@ def evaluate(target: str, overrides: list[str], *, split: str = "test", out: Pat
         UserError: bad target, overrides, data or checkpoint.
     """
     checkpoint, cfg, run_dir = resolve_target(target, overrides)
-    # Under torchrun rank 0 evaluates and writes; every rank returns its figures.
+    # Under torchrun every rank evaluates its slice, rank 0 writes; every rank returns rank 0's figures.
     with dist.session(cfg.train.device, timeout_s=cfg.train.dist_timeout_s) as device_spec:
-        return dist.on_writer(_evaluate_checkpoint, checkpoint, cfg, run_dir, device_spec, split, out)
+        return _evaluate_checkpoint(checkpoint, cfg, run_dir, device_spec, split, out)
 
 
 def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_spec: str, split: str,
@@ -135,7 +168,8 @@ def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_sp
     meta = ckpt.load_meta(checkpoint)
     device = resolve_device(device_spec)
     configure_backend(device, cfg.train)
-    data = build_data(cfg.data, device)
+    # Nothing placed: the split (and a probe's labelled examples) are read onto the device batch by batch.
+    data = dist.load_on_every_rank(build_data, cfg.data, device, reads=())
     _say_if_split_changed(meta, data.fingerprint)
     data.normalization = recorded_normalization(meta)  # the numbers the model was trained with, whatever the config says now
     model = build_model_for(cfg, data)
@@ -146,20 +180,26 @@ def _evaluate_checkpoint(checkpoint: Path, cfg: Config, run_dir: Path, device_sp
         raise UserError(f"evaluate: checkpoint {checkpoint} does not fit model {cfg.model.name!r}: {exc}") from None
     model.to(device).eval()
     out_file = Path(out) if out else RunDir(run_dir).eval_metrics(split)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     chosen = data.test if split == "test" else data.val
     if len(chosen.x) == 0:
         raise DataError(f"evaluate: the {split} split of {cfg.data.name} (data.root '{cfg.data.root}') holds no "
                         f"images; add a test/ folder (or more images per class) or evaluate --split "
                         f"{'val' if split == 'test' else 'test'}")
-    kind = MODELS.meta(cfg.model.name).get("kind")
+    kind = model_kind(cfg.model.name, cfg.objective.name)  # a backbone with ptft's decoder is an autoencoder
     batch_size = cfg.data.eval_batch_size
     if kind == "classifier":
-        metrics = _classifier_metrics(model, chosen, data, batch_size, out_file.parent)
+        finish = _classifier_results(model, chosen, data, batch_size)
     else:
-        metrics = _encoder_metrics(model, chosen, data, batch_size, cfg.run.seed, out_file.parent)
-    metrics.update(split=split, checkpoint=str(checkpoint), step=meta.step, stage=meta.stage,
-                   model=cfg.model.name, dataset=cfg.data.name, config_hash=meta.config_hash, lineage=meta.lineage)
+        finish = _encoder_results(model, chosen, data, batch_size, cfg.run.seed)
+    facts = dict(split=split, checkpoint=str(checkpoint), step=meta.step, stage=meta.stage, model=cfg.model.name,
+                 dataset=cfg.data.name, config_hash=meta.config_hash, lineage=meta.lineage)
+    return dist.on_writer(_write_results, finish, facts, out_file)
+
+
+def _write_results(finish: Callable[[Path], dict], facts: dict, out_file: Path) -> dict:
+    """Rank 0: the metrics (probes, pictures) with the checkpoint's facts, written to `out_file`."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {**finish(out_file.parent), **facts}
     report.write_metrics_json(metrics, out_file)
-    note(f"evaluated {checkpoint} on {cfg.data.name}/{split}: metrics in {out_file}")
+    note(f"evaluated {facts['checkpoint']} on {facts['dataset']}/{facts['split']}: metrics in {out_file}")
     return metrics

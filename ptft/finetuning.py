@@ -45,13 +45,23 @@ class FinetunePlan:
     freeze: FreezeSchedule
     head_lr: float | None = None  # lr of `head.*` (None: optim.lr)
     layer_decay: float | None = None  # encoder layer l of L trains at lr * decay ** (L - l)
+    # The head trains on features the frozen encoder computed once (ptft/features.py).
+    probe_on_features: bool = False
 
     @classmethod
     def from_config(cls, finetune_cfg) -> FinetunePlan:
-        """The plan of a `finetune:` section: linear probe freezes the encoder, else `freeze` is frozen."""
-        patterns = LINEAR_PROBE_PATTERNS if finetune_cfg.mode == "linear_probe" else tuple(finetune_cfg.freeze)
+        """The plan of a `finetune:` section: linear probe freezes the encoder, else `freeze` is frozen.
+
+        A probe frozen for the whole run trains on precomputed features unless `precompute_features` is
+        off; semi-supervised finetuning keeps the per-step path, since FixMatch and pseudo-labels learn
+        from fresh augmented views of the unlabelled images at every step.
+        """
+        probe = finetune_cfg.mode == "linear_probe"
+        patterns = LINEAR_PROBE_PATTERNS if probe else tuple(finetune_cfg.freeze)
+        on_features = (probe and finetune_cfg.unfreeze_at_step is None and finetune_cfg.unlabelled == "none"
+                       and finetune_cfg.precompute_features)
         return cls(mode=finetune_cfg.mode, freeze=FreezeSchedule(patterns, finetune_cfg.unfreeze_at_step),
-                   head_lr=finetune_cfg.head_lr, layer_decay=finetune_cfg.layer_decay)
+                   head_lr=finetune_cfg.head_lr, layer_decay=finetune_cfg.layer_decay, probe_on_features=on_features)
 
 
 def finetune_plan(cfg, stage: str) -> FinetunePlan | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptft import distributed as dist
 from ptft.data.batches import iterate_eval
 from ptft.data.tensors import TensorSplit
 from ptft.knn import knn_accuracy
@@ -26,10 +27,12 @@ MAX_BANK = 5000
 
 
 @torch.inference_mode()
-def encoder_features(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, D) features of images (N, C, H, W), in eval batches; the encoder's mode is the caller's."""
+def encoder_features(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    """(N, D) features of images (N, C, H, W), in eval batches (None when N is 0); the encoder's mode is
+    the caller's."""
     labels = torch.zeros(len(x), dtype=torch.long, device=x.device)  # iterate_eval batches pairs
-    return torch.cat([encoder(batch) for batch, _ in iterate_eval(x, labels, batch_size)])
+    batches = [encoder(batch) for batch, _ in iterate_eval(x, labels, batch_size)]
+    return torch.cat(batches) if batches else None  # None: no rows (a rank's empty slice)
 
 
 @dataclass
@@ -54,9 +57,20 @@ class KnnMonitor:
             self.bank = TensorSplit(self.bank.x[::stride], self.bank.y[::stride])
 
     def __call__(self, model: torch.nn.Module, split: TensorSplit, batch_size: int) -> dict[str, float]:
-        """{"val/knn_acc": accuracy} of `split` (the model already in eval mode)."""
-        bank_feats = encoder_features(model.encoder, self.bank.x, batch_size).float()
-        feats = encoder_features(model.encoder, split.x, batch_size).float()
-        accuracy = knn_accuracy(bank_feats, self.bank.y, feats, split.y, k=KNN_K, temperature=KNN_TEMPERATURE,
-                                num_classes=self.num_classes)
-        return {"val/knn_acc": accuracy}
+        """{"val/knn_acc": accuracy} of `split` (the model already in eval mode).
+
+        Under torchrun it is sharded like the loss: each rank encodes its slice of the bank (every
+        rank then holds all of it, gathered in the bank's order) and classifies its slice of
+        `split`; the correct counts are summed. The bank's features are the expensive part, so a
+        rank-0-only monitor would keep the others waiting for most of a validation.
+        """
+        rows = dist.shard_rows(len(self.bank.y), batch_size)
+        bank_feats = dist.gather_rows(encoder_features(model.encoder, self.bank.x[rows], batch_size))
+        rows = dist.shard_rows(len(split.y), batch_size)
+        correct = 0
+        if rows.stop > rows.start:
+            feats = encoder_features(model.encoder, split.x[rows], batch_size).float()
+            accuracy = knn_accuracy(bank_feats.to(feats.device).float(), self.bank.y, feats, split.y[rows], k=KNN_K,
+                                    temperature=KNN_TEMPERATURE, num_classes=self.num_classes)
+            correct = round(accuracy * len(feats))  # knn_accuracy's count over its queries
+        return {"val/knn_acc": dist.sum_by_key({"correct": correct})["correct"] / len(split.y)}

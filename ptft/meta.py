@@ -19,14 +19,14 @@ import torch
 import ptft
 from ptft.config import Config, config_hash
 from ptft.errors import CheckpointError
-from ptft.models import MODELS
+from ptft.models import model_kind
 
 # Bumped when a checkpoint directory changes in a way older ptft versions cannot read.
 FORMAT_VERSION = 1
 FORMAT_KEY = "format_version"
 
 
-_WRITTEN_WHEN_SET = ("memory",)
+_WRITTEN_WHEN_SET = ("memory", "ema")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +51,9 @@ class CheckpointMeta:
     # Peak memory of this process up to this checkpoint (runtime.peak_memory): sizes the machine a
     # stage needs. {"device": "cuda:0", "peak_host_bytes": int, "peak_device_bytes": int | None}
     memory: dict | None = None
+    # {"decay": d}: model.safetensors holds an exponential moving average of the trained weights
+    # (train.ema_decay); None: the trained weights themselves.
+    ema: dict | None = None
     format_version: int = FORMAT_VERSION
 
     def at(self, *, step: int, epoch: float, metrics: dict, best: dict, memory: dict | None = None) -> CheckpointMeta:
@@ -79,12 +82,14 @@ def run_meta(cfg: Config, stage: str, data, parent: dict | None) -> CheckpointMe
     """The facts every checkpoint of a run carries; `data` is the run's DataBundle."""
     return CheckpointMeta(
         stage=stage, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json"),
-        model={"name": cfg.model.name, "options": cfg.model.options, "kind": MODELS.meta(cfg.model.name).get("kind")},
+        model={"name": cfg.model.name, "options": cfg.model.options,
+               "kind": model_kind(cfg.model.name, cfg.objective.name)},  # "autoencoder": a backbone + ptft's decoder
         objective=cfg.objective.name, data=data.fingerprint,
         inputs={"shape": list(data.input_shape), "class_names": list(data.class_names),
                 "normalize": data.normalization},
         versions={"ptft": ptft.__version__, "torch": torch.__version__, "python": platform.python_version()},
         parent=parent, lineage=list(parent["lineage"]) if parent else [],
+        ema={"decay": cfg.train.ema_decay} if cfg.train.ema_decay is not None else None,
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ptft import distributed as dist
 from ptft.probes import knn_accuracy, linear_probe_accuracy
 
 if TYPE_CHECKING:
@@ -66,6 +67,12 @@ class ClassificationTally:
             top5 = logits.topk(5, dim=1).indices  # (B, 5)
             self.top5_hits += int((top5 == labels[:, None]).any(dim=1).sum())
         self.count += len(labels)
+
+    def all_reduce(self) -> None:
+        """Under torchrun: sum this rank's tally with the others', so every rank holds the split's (in place)."""
+        sums = dist.sum_over_ranks(torch.tensor([self.loss_sum, self.top5_hits, self.count], dtype=torch.float64))
+        self.confusion = dist.sum_over_ranks(self.confusion)
+        self.loss_sum, self.top5_hits, self.count = sums[0].item(), int(sums[1]), int(sums[2])
 
     def metrics(self) -> dict:
         """Loss, accuracy, top-5 (K > 5), per-class precision/recall/F1, macro-F1, confusion matrix.
@@ -159,6 +166,12 @@ class ReconstructionTally:
             self.inputs.append(inputs[:wanted].float().clone())
             self.reconstructions.append(reconstructions[:wanted].float().clone())
         self.count += len(inputs)
+
+    def all_reduce(self) -> None:
+        """Under torchrun: sum this rank's sums and count with the others' (in place); the kept images stay
+        this rank's own (rank 0's slice starts the split: its first images are the split's)."""
+        sums = dist.sum_over_ranks(torch.tensor([self.mse_sum, self.psnr_sum, self.count], dtype=torch.float64))
+        self.mse_sum, self.psnr_sum, self.count = sums[0].item(), sums[1].item(), int(sums[2])
 
     def metrics(self) -> dict:
         """{"mse", "psnr", "num_examples"}."""

@@ -1,6 +1,7 @@
 """The run directory: where each file of a run lives, and getting a directory ready for a run.
 
-    RUN_DIR/config.yaml  metrics.jsonl  .lock  checkpoints/{step-XXXXXXXX/, last, best}  eval/<split>/metrics.json
+    RUN_DIR/config.yaml  metrics.jsonl  metrics.csv  tensorboard/  .lock
+            checkpoints/{step-XXXXXXXX/, last, best}  eval/<split>/metrics.json
 
 `RunDir` is the only place that spells these names; everything else asks it for paths. The path
 part imports nothing of ptft's checkpoint code (checkpoint.py builds its paths from it); the
@@ -28,6 +29,8 @@ except ImportError:  # Windows: no flock; runs there go unlocked
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+METRICS_CSV_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".lock"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
@@ -62,6 +65,15 @@ class RunDir:
         return self.root / METRICS_FILE
 
     @property
+    def metrics_csv(self) -> Path:
+        return self.root / METRICS_CSV_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (train.loggers: [tensorboard])."""
+        return self.root / TENSORBOARD_DIR
+
+    @property
     def lock(self) -> Path:
         return self.root / LOCK_FILE
 
@@ -80,7 +92,7 @@ class RunDir:
     @property
     def outputs(self) -> tuple[Path, ...]:
         """What `--overwrite` clears; config.yaml is rewritten by the new run."""
-        return self.checkpoints, self.root / EVAL_DIR, self.metrics
+        return self.checkpoints, self.root / EVAL_DIR, self.metrics, self.metrics_csv, self.tensorboard
 
     def eval_metrics(self, split: str) -> Path:
         return self.root / EVAL_DIR / split / EVAL_METRICS_FILE
@@ -130,7 +142,7 @@ def list_step_dirs(ckpt_dir: Path) -> list[Path]:
 RESUME_MUTABLE_KEYS = frozenset({
     "run.dir", "train.max_steps", "train.epochs", "train.device", "train.log_every_steps", "train.compile",
     "train.eval_every_steps", "train.early_stopping_patience", "checkpoint.keep_last", "checkpoint.every_steps",
-    "data.root", "data.download", "data.eval_batch_size",
+    "data.root", "data.download", "data.eval_batch_size", "train.loggers",
 })
 
 

@@ -17,11 +17,15 @@ from ptft import distributed as dist
 from ptft.assembly import Run, build_run, build_tracker, build_train_parts, check_monitor
 from ptft.config import Config, config_to_yaml
 from ptft.console import note, print_key_report, write_stdout
+from ptft.ema import STATE_KEY as EMA_STATE_KEY
 from ptft.engine import BestTracker, ResumePoint, TrainParts, fit, restore_training_state
+from ptft.features import trains_on_features, unused_views_warning
 from ptft.finetuning import check_freeze_patterns, random_probe_warning
-from ptft.lineage import check_parent_split, parent_facts, resolve_init
+from ptft.lineage import check_parent_split, expected_inputs, normalization_warning, parent_facts, resolve_init
+from ptft.loggers import check_loggers
 from ptft.meta import CheckpointMeta, run_meta
 from ptft.models import summarize
+from ptft.objectives import OBJECTIVES
 from ptft.rundir import check_resume_compatible, prepare_run_dir, run_dir_lock, write_config
 from ptft.runtime import check_precision, configure_backend, resolve_device, seed_everything
 from ptft.weights import match_into, read_state_dict
@@ -39,7 +43,11 @@ def load_init_weights(cfg: Config, model: torch.nn.Module, fingerprint: dict) ->
         note(warning)
     report = match_into(model, state, load_head=cfg.init.load_head, strict=cfg.init.strict, source=source.given)
     print_key_report(report.rows(), source.given)
-    return parent_facts(source, report)
+    expects = expected_inputs(source, model)
+    warning = normalization_warning(cfg.data.normalize, expects, source, model)
+    if warning:
+        note(warning)
+    return parent_facts(source, report, expects)
 
 
 def train(cfg: Config, stage: str, *, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> Path | None:
@@ -75,15 +83,18 @@ def check_before_training(run: Run, resume: bool) -> dict | None:
     Returns:
         The init checkpoint's lineage facts (`load_init_weights`), or None without one.
     Raises:
-        UserError: a freeze pattern matching nothing, a monitor validation never logs, init
-            weights that do not load, a supervised parent split another way.
+        UserError: a logger whose package is missing, a freeze pattern matching nothing, a monitor
+            validation never logs, init weights that do not load, a supervised parent split another way.
     """
     cfg = run.cfg
+    check_loggers(cfg.train.loggers)
     if run.plan is not None:
         check_freeze_patterns(run.model, run.plan.freeze.patterns)
-        warning = random_probe_warning(run.plan, cfg.init.checkpoint)
-        if warning:
-            note(warning)
+        builder = OBJECTIVES.get(cfg.objective.name)
+        for warning in (random_probe_warning(run.plan, cfg.init.checkpoint),
+                        unused_views_warning(run.plan, run.model, cfg.objective, builder)):
+            if warning:
+                note(warning)
     check_monitor(run)
     if cfg.init.checkpoint and not resume:
         return load_init_weights(cfg, run.model, run.data.fingerprint)
@@ -101,6 +112,9 @@ def _prepare(run_dir: Path, cfg: Config, resume: bool, overwrite: bool, held: co
 
 
 def _fit(run: Run, run_dir: Path, resume_from: Path | None, parent: dict | None) -> Path:
+    if resume_from is not None and trains_on_features(run.plan, run.model):
+        # The probe's features come from the frozen encoder it resumes, before the parts are built.
+        run.model.load_state_dict(ckpt.unpack_weights(ckpt.load_weights(resume_from))[0])
     parts, settings = build_train_parts(run)
     tracker = build_tracker(run.cfg)
     meta_base, resumed = run_meta(run.cfg, run.stage, run.data, parent), None
@@ -118,9 +132,13 @@ def _fit(run: Run, run_dir: Path, resume_from: Path | None, parent: dict | None)
 def _resume(parts: TrainParts, tracker: BestTracker, checkpoint: Path,
             meta_base: CheckpointMeta) -> tuple[int, CheckpointMeta]:
     model_state, objective_state = ckpt.unpack_weights(ckpt.load_weights(checkpoint))
-    parts.model.load_state_dict(model_state)
-    parts.objective.load_state_dict(objective_state)
-    step = restore_training_state(parts, tracker, ckpt.load_state(checkpoint))
+    state = ckpt.load_state(checkpoint)
+    if parts.ema is None:
+        parts.model.load_state_dict(model_state)
+        parts.objective.load_state_dict(objective_state)
+    else:  # model.safetensors holds the average; the trained weights are in state.pt
+        parts.ema.restore(model_state, objective_state, state.get(EMA_STATE_KEY))
+    step = restore_training_state(parts, tracker, state)
     if dist.is_writer():  # a kill between a save's pointer moves may have left `best` elsewhere
         ckpt.point_best_at(checkpoint.parent, tracker.best_step)
     return step, meta_base.with_lineage_of(ckpt.load_meta(checkpoint))

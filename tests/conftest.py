@@ -88,6 +88,24 @@ def tiny_finetune_config(run_dir: Path, init: str | None, **sections) -> dict:
     return cfg
 
 
+def write_colour_images(root: Path, side: int, train: int, test: int) -> Path:
+    """An image folder of RGB side x side images in 3 classes (a bright channel each, plus noise): `train` and
+    `test` images per class under root/train/<class>/ and root/test/<class>/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("red", "green", "blue")):
+        for split, count in (("train", train), ("test", test)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, size=(side, side, 3), dtype=np.uint8)
+                pixels[..., label] += 150
+                Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _decode_cache_in_tmp(tmp_path_factory, monkeypatch):
     # imagefolder caches decoded images in $XDG_CACHE_HOME/ptft: a test never touches the user's own.

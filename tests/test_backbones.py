@@ -9,16 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 import yaml
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import REPO, write_yaml
+from conftest import REPO, write_colour_images, write_yaml
 from ptft import checkpoint as ckpt
 from ptft.errors import CheckpointError, UserError
 from ptft.models import MODELS
@@ -314,18 +312,8 @@ def test_timm_files_load_with_and_without_classifier(tmp_path, filename, headles
 
 @pytest.fixture(scope="module")
 def colour_images(tmp_path_factory) -> Path:
-    """RGB 32x32 images of 3 classes (a bright channel each, plus noise): 12 train, 3 test per class."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(("red", "green", "blue")):
-        for split, count in (("train", 12), ("test", 3)):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 90, size=(32, 32, 3), dtype=np.uint8)
-                pixels[..., label] += 150
-                Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
-    return root
+    """RGB 32x32 images of 3 classes: 12 train, 3 test per class."""
+    return write_colour_images(tmp_path_factory.mktemp("images"), 32, 12, 3)
 
 
 def stage_config(run_dir: Path, images: Path, model: dict, **sections) -> dict:
@@ -460,9 +448,10 @@ def test_grad_checkpointing_keeps_fewer_activations_and_the_same_gradients(name)
     assert saved_tensors_and_grads(model, x)[0] == kept
 
 
-def test_grad_checkpointing_is_refused_with_batch_norm():
+def test_grad_checkpointing_is_refused_for_timm_networks_with_batch_norm():
+    # torchvision networks are checkpointed by ptft, which keeps batch norm's statistics (test_backbone_memory.py).
     with pytest.raises(UserError, match="batch norm"):
-        build("torchvision:resnet18").encoder.set_grad_checkpointing(True)
+        build("timm:resnet18").encoder.set_grad_checkpointing(True)
 
 
 # ---- MAE: masked patches in token space --------------------------------------------------------

@@ -11,6 +11,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from conftest import tiny_finetune_config, write_yaml
+from ptft.data.batches import DeviceBatches
 from ptft.errors import UserError
 from ptft.objectives import EVAL_CHUNK_SIZE, OBJECTIVES
 
@@ -44,8 +45,11 @@ def imbalanced_blobs(counts: list[int], seed: int) -> tuple[torch.Tensor, torch.
     return x.view(-1, *SHAPE), y
 
 
-def train_and_score(class_weights, steps: int = 300) -> float:
-    """Macro-F1 on a balanced test set after SGD on a 10:1 imbalanced train set."""
+def train_and_score(class_weights, steps: int = 300, sampler: str = "random") -> float:
+    """Macro-F1 on a balanced test set after SGD on a 10:1 imbalanced train set.
+
+    Batches of 128: uniform draws with replacement (random), or data.sampler balanced's batches.
+    """
     torch.manual_seed(0)
     model, objective = supervised(2, class_weights=class_weights)
     x, y = imbalanced_blobs([1000, 100], seed=1)
@@ -53,9 +57,14 @@ def train_and_score(class_weights, steps: int = 300) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     generator = torch.Generator().manual_seed(0)
     order = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        batch = torch.randint(len(y), (128,), generator=order)
-        loss, _ = objective(model, x[batch], y[batch], generator)
+    balanced = DeviceBatches(x, y, 128, seed=2, sampler="balanced") if sampler == "balanced" else None
+    for step in range(steps):
+        if balanced is None:
+            batch = torch.randint(len(y), (128,), generator=order)
+            xb, yb = x[batch], y[batch]
+        else:
+            xb, yb = balanced.batch(step)
+        loss, _ = objective(model, xb, yb, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

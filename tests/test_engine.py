@@ -97,7 +97,8 @@ def test_evaluation_does_not_change_the_train_mode_state_of_training_steps(build
     for eval_every in (1, 100):  # validation after every step, or only after the last
         config = tiny_finetune_config(tmp_path / f"every{eval_every}", None,
                                       model={"name": "tiny_mlp_classifier", "batch_norm": True, "dropout": 0.1},
-                                      finetune={"mode": "linear_probe"},
+                                      # The per-step path: on precomputed features the model never runs in training.
+                                      finetune={"mode": "linear_probe", "precompute_features": False},
                                       train={"max_steps": 4, "eval_every_steps": eval_every})
         run, parts, settings = build(config, "finetune")
         seen = modes.setdefault(eval_every, [])

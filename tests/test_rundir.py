@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import REPO, tiny_pretrain_config, write_yaml
-from ptft.rundir import CHECKPOINTS_DIR, CONFIG_FILE, EVAL_DIR, EVAL_METRICS_FILE, METRICS_FILE, RunDir
+from ptft.rundir import (CHECKPOINTS_DIR, CONFIG_FILE, EVAL_DIR, EVAL_METRICS_FILE, METRICS_CSV_FILE, METRICS_FILE,
+                         RunDir)
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="flock, symlinks and signals")
 
@@ -96,7 +97,8 @@ def test_run_dir_paths_follow_the_documented_layout(tmp_path):
                                                      root / "checkpoints" / "best")
     assert run.step_dir(500) == root / "checkpoints" / "step-00000500"
     assert run.eval_metrics("val") == root / "eval" / "val" / "metrics.json"
-    assert run.outputs == (root / "checkpoints", root / "eval", root / "metrics.jsonl")
+    assert run.outputs == (root / "checkpoints", root / "eval", root / "metrics.jsonl", root / "metrics.csv",
+                           root / "tensorboard")
 
 
 def test_the_run_of_a_target_is_read_from_the_path_as_written(tmp_path):
@@ -115,7 +117,8 @@ def test_the_run_of_a_target_is_read_from_the_path_as_written(tmp_path):
 
 
 # LOCK_FILE aside: other lock files (the decode cache's) end in ".lock" too.
-RUN_DIR_NAMES = {CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, EVAL_DIR, EVAL_METRICS_FILE}
+# TENSORBOARD_DIR is left out: "tensorboard" is also the name of a logger in train.loggers.
+RUN_DIR_NAMES = {CONFIG_FILE, METRICS_FILE, METRICS_CSV_FILE, CHECKPOINTS_DIR, EVAL_DIR, EVAL_METRICS_FILE}
 
 
 def _path_literals(path) -> list[tuple[int, str]]:

@@ -16,7 +16,7 @@ from conftest import tiny_finetune_config, tiny_pretrain_config, write_yaml
 
 from ptft.data.mixed import MixedBatches
 from ptft.data.tensors import TensorSplit
-from ptft.objectives.semi_supervised import SemiSupervised, semi_supervised, unlabelled_views
+from ptft.objectives.semi_supervised import semi_supervised, unlabelled_views
 from ptft.objectives.supervised import Supervised
 
 SHAPE = (1, 8, 8)

@@ -119,8 +119,15 @@ class DataSection(_Section):
     """imagefolder: the decode cache every stage and rank maps (null: $XDG_CACHE_HOME/ptft or ~/.cache/ptft)."""
     normalize: Annotated[str | dict[str, list[float]], AfterValidator(_normalize)] = "none"
     """(x - mean) / std per channel after augmentation: none, dataset, imagenet or {mean: [..], std: [..]}."""
+    placement: Literal["auto", "device", "host"] = "auto"
+    """Where the splits a stage reads live: device (one tensor on it), host (host memory or the mapped decode
+    cache, each batch copied over with the next prefetched: data larger than the device) or auto (device
+    when they fit half the free device memory, else host; device on the CPU)."""
     batch_size: int = Field(128, ge=1)
     """Training batch size (global: split across processes under torchrun)."""
+    sampler: Literal["random", "balanced"] = "random"
+    """Training batches: random (shuffled, each example once per epoch) or balanced (drawn with replacement,
+    every class equally likely: for an imbalanced labelled subset; objectives that use labels only)."""
     eval_batch_size: int = Field(1024, ge=1)
     """Batch size of validation and evaluation."""
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -189,6 +196,10 @@ class FinetuneSection(_Section):
     """Parameter name patterns (fnmatch) to freeze, e.g. 'encoder.*'."""
     unfreeze_at_step: int | None = Field(None, ge=1)
     """Unfreeze everything from this step on (gradual unfreezing)."""
+    precompute_features: bool = True
+    """linear_probe without unfreeze_at_step or unlabelled: run the frozen encoder once over the labelled subset
+    and val (eval mode, no augmentation) and train the head on those features; false: run it every step, with
+    the objective's augmentation."""
     head_lr: float | None = Field(None, gt=0)
     """Learning rate of the head (default: optim.lr)."""
     layer_decay: float | None = Field(None, gt=0, le=1)
@@ -252,6 +263,11 @@ class ScheduleSection(_Section):
     """step: factor applied to the lr every step_size steps."""
 
 
+def _jsonl_first(names: list[str]) -> list[str]:
+    # metrics.jsonl is what inspect, report and resume read: always written, so the resolved config says so.
+    return ["jsonl", *dict.fromkeys(name for name in names if name != "jsonl")]
+
+
 class TrainSection(_Section):
     """The training loop."""
 
@@ -265,14 +281,24 @@ class TrainSection(_Section):
     """Autocast precision; fp16 also scales the loss."""
     grad_clip: float | None = Field(None, gt=0)
     """Clip the gradients' global norm to this value."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights, updated after every optimizer step with this decay
+    (e.g. 0.999); validation, best selection and the saved model.safetensors use the average. null: off."""
     accumulate: int = Field(1, ge=1)
     """Batches whose gradients add up to one optimizer step."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    grad_checkpointing: bool = False
+    """Recompute the encoder's activations block by block in the backward pass instead of keeping them:
+    activation memory of about one block, for roughly a third more compute (torchvision: and timm: backbones;
+    batch norm's running statistics still move once per step)."""
     eval_every_steps: int | None = Field(None, ge=1)
     """Validate every this many steps (default: once per epoch) and at the end."""
     log_every_steps: int = Field(50, ge=1)
     """Log the training loss every this many steps."""
+    loggers: Annotated[list[Literal["jsonl", "tensorboard", "csv"]], AfterValidator(_jsonl_first)] = ["jsonl"]
+    """Where each record of metrics goes: jsonl (RUN_DIR/metrics.jsonl, always written, listed or not),
+    tensorboard (RUN_DIR/tensorboard/, needs pip install 'ptft[tensorboard]'), csv (RUN_DIR/metrics.csv)."""
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without a new best checkpoint.monitor."""
     knn_monitor: bool = False

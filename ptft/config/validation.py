@@ -181,6 +181,12 @@ def _validate_objective(values: dict, model: ModelSection | None, registries: Re
 
 
 def _check_model_kind(model_name: str, objective_name: str, registries: Registries, problems: list[Problem]) -> None:
+    from ptft.models import decoder_problem, decodes
+
+    if decodes(model_name, objective_name):  # a library backbone gets ptft's decoder, where it has a feature map
+        problem = decoder_problem(model_name, objective_name)
+        problems.extend([Problem(("objective.name",), problem)] if problem else [])
+        return
     kind = registries.models.meta(model_name).get("kind")
     accepted = registries.objectives.meta(objective_name).get("model_kinds")
     if kind and accepted and kind not in accepted:

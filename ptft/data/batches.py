@@ -1,8 +1,10 @@
-"""Batching by index over tensors that already live on the training device.
+"""Batching by index over tensors on the training device, or rows in host memory (data.placement).
 
 A training batch is a pure function of (data, batch size, seed, global step): resuming at
-step s needs nothing but s. Images stay in their stored dtype on the device (uint8 takes a
-quarter of float32's memory) and are converted to float32 in [0, 1] one batch at a time.
+step s needs nothing but s. Images stay in their stored dtype (uint8 takes a quarter of
+float32's memory) and are converted to float32 in [0, 1] on the device one batch at a time.
+Which examples a batch holds (the index drawing) does not depend on where they live: rows in
+host memory (`placement.HostRows`) give the same batches, copied over one step ahead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+
+from ptft.data.placement import HostRows, Prefetcher
+from ptft.data.sampling import BalancedSampler
 
 
 class Batches(Protocol):
@@ -24,12 +29,15 @@ class Batches(Protocol):
         ...
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """Images as float32 in [0, 1]: uint8 is divided by 255, floating point is cast.
+def to_float(x: torch.Tensor | HostRows) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 is divided by 255, floating point is cast; rows in
+    host memory are read and copied to their device first.
 
     Raises:
         TypeError: any other dtype.
     """
+    if isinstance(x, HostRows):
+        x = x.read().to(x.device, non_blocking=True)
     if x.dtype == torch.uint8:
         return x.float().div_(255)
     if x.is_floating_point():
@@ -52,13 +60,15 @@ class DeviceBatches:
     the data is smaller than one batch: then every step is one batch of all of it.
 
     Args:
-        x: (N, C, H, W) images, uint8 or float, on the training device.
-        y: (N,) int64 labels on the same device.
+        x: (N, C, H, W) images, uint8 or float, on the training device, or HostRows bound for it.
+        y: (N,) int64 labels on the training device.
         batch_size: examples per batch.
         seed: seeds the data order (the run seed).
+        sampler: data.sampler; balanced draws each batch with replacement, classes equally likely
+            (ptft.data.sampling), still a pure function of (seed, step).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, sampler: str = "random"):
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"need as many labels as images, and at least one: got {len(x)} and {len(y)}")
         self.x, self.y, self.seed = x, y, seed
@@ -66,12 +76,18 @@ class DeviceBatches:
         self.steps_per_epoch = len(x) // self.batch_size
         self._cached_epoch: int | None = None
         self._permutation: torch.Tensor | None = None
+        # data.placement host: rows are gathered on the CPU, by CPU indices, and sent a step ahead.
+        self._on_host = isinstance(x, HostRows)
+        self._prefetch = Prefetcher(x.device) if self._on_host else None
+        self._host_y = y.cpu() if self._on_host else None
+        self._balanced = BalancedSampler(y, seed) if sampler == "balanced" else None
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """(N,) int64 example order of `epoch`, on the data's device; one randperm per epoch."""
+        """(N,) int64 example order of `epoch`, where the images are (the CPU for HostRows); one randperm per epoch."""
         if epoch != self._cached_epoch:
             generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-            self._permutation = torch.randperm(len(self.x), generator=generator).to(self.x.device)
+            order = torch.randperm(len(self.x), generator=generator)
+            self._permutation = order if self._on_host else order.to(self.x.device)
             self._cached_epoch = epoch
         return self._permutation
 
@@ -81,10 +97,24 @@ class DeviceBatches:
 
     def slice(self, step: int, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [offset, offset + size) of step `step`'s batch."""
+        if self._on_host:
+            x, y = self._prefetch.get((step, offset, size), self._host_slice)
+            return to_float(x), y
+        index = self.indices(step, offset, size)
+        return to_float(self.x[index]), self.y[index]
+
+    def indices(self, step: int, offset: int, size: int) -> torch.Tensor:
+        """(size,) int64 example indices at positions [offset, offset + size) of step `step`'s batch."""
+        if self._balanced is not None:  # the whole global batch is drawn, so every rank's slice agrees
+            return self._balanced.indices(step, self.batch_size)[offset:offset + size]
         epoch, position = divmod(step, self.steps_per_epoch)
         start = position * self.batch_size + offset
-        index = self.permutation(epoch)[start:start + size]
-        return to_float(self.x[index]), self.y[index]
+        return self.permutation(epoch)[start:start + size]
+
+    def _host_slice(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # (x, y) of positions key = (step, offset, size) in host memory (x pinned on CUDA).
+        index = self.indices(*key).cpu()
+        return self.x[index].read(), self._host_y[index]
 
     def shard(self, rank: int, world_size: int) -> Batches:
         """Rank `rank`'s slice of each batch, of `world_size` equal slices (itself for one process).
@@ -119,8 +149,10 @@ class _Shard:
 def iterate_eval(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential (x, y) batches over a whole split, the last partial one included.
 
-    x is float32 in [0, 1]; for float data the batches are views into the split, so callers
-    must not modify them in place.
+    x is float32 in [0, 1], on the split's device (HostRows: read onto theirs, one batch at a
+    time), and y beside it; for float data the batches are views into the split, so callers must
+    not modify them in place.
     """
     for start in range(0, len(x), batch_size):
-        yield to_float(x[start:start + batch_size]), y[start:start + batch_size]
+        xb = to_float(x[start:start + batch_size])
+        yield xb, y[start:start + batch_size].to(xb.device, non_blocking=True)

@@ -1,8 +1,9 @@
-"""`build_data`: a dataset from the registry, split by `data.split_seed`, moved to the device once."""
+"""`build_data`: a dataset from the registry, split by `data.split_seed`, the splits a stage reads placed once."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -10,22 +11,27 @@ import torch
 from ptft.data import DATASETS
 from ptft.data.fingerprint import data_fingerprint
 from ptft.data.normalize import normalization_stats
+from ptft.data.placement import SPLITS, host_rows, place_splits
 from ptft.data.splits import label_subset, train_val_split
 from ptft.data.tensors import DataBundle, DatasetTensors, TensorSplit
 from ptft.errors import DataError
 
 
-def build_data(data_cfg, device: torch.device | str) -> DataBundle:
-    """Load `data_cfg.name`, split it and put every split on `device`.
+def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = SPLITS) -> DataBundle:
+    """Load `data_cfg.name`, split it and place the splits named in `reads` for `device`.
 
     The validation split and the labelled subset are drawn with `data_cfg.split_seed`, not
     the run seed, so pretraining and every finetune on top of it see the same examples.
-    Images keep their stored dtype (uint8 stays uint8); batches convert them to float.
+    Images keep their stored dtype (uint8 stays uint8); batches convert them to float. Splits
+    in `reads` go where data.placement says (ptft.data.placement); the others are not moved
+    at all: they stay as rows of the dataset's own arrays (a mapped cache is not even read),
+    read onto `device` batch by batch if something does read them.
 
     Args:
         data_cfg: the `data` config section (name, root, download, val_fraction,
-            split_seed, label_fraction, labels_per_class).
-        device: where the tensors live for the whole run.
+            split_seed, label_fraction, labels_per_class, placement).
+        device: the training device.
+        reads: the splits the caller reads: "unlabelled", "labelled", "val", "test" (all by default).
 
     Returns:
         DataBundle with unlabelled / labelled / val / test splits, a fingerprint of them and
@@ -39,22 +45,23 @@ def build_data(data_cfg, device: torch.device | str) -> DataBundle:
     tensors: DatasetTensors = DATASETS.get(name)(Path(data_cfg.root).expanduser(), data_cfg.download,
                                                  **_image_options(name, data_cfg))
     train_idx, val_idx, labelled_idx = _split_indices(name, tensors.train_y, data_cfg)
-    unlabelled = _to_device(*_unlabelled_examples(tensors, train_idx), device)
+    unlabelled = _unlabelled_examples(tensors, train_idx, device)
     # On the train split (and unlabelled images): what pretraining sees, whatever the label budget,
     # so a finetune on the same data computes the same numbers.
     normalization = normalization_stats(data_cfg.normalize, unlabelled.x)
-    # Without a budget the labelled split is the train split: share its tensors, not a copy.
+    # Without a budget the labelled split is the train split: share its rows, not a copy.
     shares_unlabelled = tensors.unlabelled_x is None and torch.equal(labelled_idx, train_idx)
-    return DataBundle(
+    bundle = DataBundle(
         unlabelled=unlabelled,
-        labelled=unlabelled if shares_unlabelled else _to_device(*_examples(tensors, labelled_idx), device),
-        val=_to_device(*_examples(tensors, val_idx), device),
-        test=_to_device(tensors.test_x, tensors.test_y, device),
+        labelled=unlabelled if shares_unlabelled else _examples(tensors, labelled_idx, device),
+        val=_examples(tensors, val_idx, device),
+        test=TensorSplit(host_rows([tensors.test_x], None, device), tensors.test_y),
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
         input_shape=tuple(tensors.train_x.shape[1:]),
         fingerprint=data_fingerprint(data_cfg, tensors.train_x, tensors.train_y, val_idx, labelled_idx),
         normalization=normalization,
     )
+    return place_splits(bundle, reads, device, data_cfg.placement)
 
 
 def _split_indices(name: str, train_y: torch.Tensor, data_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,18 +97,16 @@ def _image_options(name: str, data_cfg) -> dict:
             "cache_dir": data_cfg.cache_dir}
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device) -> TensorSplit:
-    return TensorSplit(x.to(device), y.to(device))
+def _examples(tensors: DatasetTensors, index: torch.Tensor, device) -> TensorSplit:
+    """Rows `index` of the train split, not read: HostRows bound for `device`, labels on the CPU."""
+    return TensorSplit(host_rows([tensors.train_x], index, device), tensors.train_y[index])
 
 
-def _examples(tensors: DatasetTensors, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return tensors.train_x[index], tensors.train_y[index]
-
-
-def _unlabelled_examples(tensors: DatasetTensors, train_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The train split followed by the dataset's extra unlabelled images (labelled -1), on the CPU."""
-    x, y = _examples(tensors, train_idx)
+def _unlabelled_examples(tensors: DatasetTensors, train_idx: torch.Tensor, device) -> TensorSplit:
+    """The train split followed by the dataset's extra unlabelled images (labelled -1), not read."""
     if tensors.unlabelled_x is None:
-        return x, y
+        return _examples(tensors, train_idx, device)
+    extra = torch.arange(len(tensors.train_x), len(tensors.train_x) + len(tensors.unlabelled_x))
     no_label = torch.full((len(tensors.unlabelled_x),), -1, dtype=torch.long)
-    return torch.cat([x, tensors.unlabelled_x]), torch.cat([y, no_label])
+    return TensorSplit(host_rows([tensors.train_x, tensors.unlabelled_x], torch.cat([train_idx, extra]), device),
+                       torch.cat([tensors.train_y[train_idx], no_label]))

@@ -39,9 +39,11 @@ class MixedBatches:
         self.steps_per_epoch = labelled.steps_per_epoch
 
     @classmethod
-    def from_splits(cls, labelled, unlabelled, batch_size: int, ratio: int, seed: int) -> MixedBatches:
-        """Mixed batches over two TensorSplits: `batch_size` labelled + `ratio * batch_size` unlabelled."""
-        return cls(DeviceBatches(labelled.x, labelled.y, batch_size, seed),
+    def from_splits(cls, labelled, unlabelled, batch_size: int, ratio: int, seed: int,
+                    sampler: str = "random") -> MixedBatches:
+        """Mixed batches over two TensorSplits: `batch_size` labelled (drawn by `sampler`, data.sampler) +
+        `ratio * batch_size` unlabelled (always shuffled: their labels are unknown)."""
+        return cls(DeviceBatches(labelled.x, labelled.y, batch_size, seed, sampler=sampler),
                    DeviceBatches(unlabelled.x, unlabelled.y, ratio * batch_size, unlabelled_seed(seed)))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ class TensorSplit:
 
 @dataclass
 class DataBundle:
-    """Every split a stage needs, already on the device, plus the facts recorded in checkpoints."""
+    """Every split of the dataset, plus the facts recorded in checkpoints. The splits a stage reads are
+    placed (ptft.data.placement: on the device, or host rows batched over); the others stay host rows."""
 
     unlabelled: TensorSplit  # all train-split examples (labels kept, for k-NN / probes) + unlabelled_x
     labelled: TensorSplit  # the labelled subset of the train split (all of it when no budget is set)

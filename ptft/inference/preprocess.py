@@ -43,6 +43,9 @@ class Preprocessing:
     pixel_levels: int | None = None  # the dataset's pixels were counts 0..pixel_levels (digits: 16)
     # data.normalize's {"mean", "std"}: applied by the model itself (a hook on its encoder), not here
     normalization: dict | None = None
+    # What the library weights the run started from expected (meta.json parent.expects): for the record;
+    # the model was trained, and is fed, with `normalization`.
+    pretrained: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -67,6 +70,7 @@ class Preprocessing:
             # Nothing to subtract or divide outside: data.normalize's numbers travel inside the model.
             "mean": [0.0] * self.channels, "std": [1.0] * self.channels,
             "normalization_inside_model": self.normalization,
+            "pretrained_weights_expected": self.pretrained,
             "class_names": list(self.class_names),
         }
 
@@ -90,4 +94,5 @@ def preprocessing_of(cfg: Config, meta: CheckpointMeta) -> Preprocessing:
     channels, height, width = shape
     # cfg is the checkpoint's config as trained: one written before data.resize existed reads as stretch.
     return Preprocessing(channels, height, width, tuple(class_names), cfg.data.resize,
-                         DATASETS.meta(cfg.data.name).get("pixel_levels"), recorded_normalization(meta))
+                         DATASETS.meta(cfg.data.name).get("pixel_levels"), recorded_normalization(meta),
+                         (meta.parent or {}).get("expects"))

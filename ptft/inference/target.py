@@ -53,7 +53,7 @@ def load_target(target: str, command: str, device: str | None = None) -> Target:
     meta = ckpt.load_meta(checkpoint)
     prep = preprocessing_of(cfg, meta)
     # data.normalize's numbers as the model was trained with them (meta.json), whatever the config says now.
-    model = attach_normalization(build_model(cfg.model, prep.input_shape, len(prep.class_names)), prep.normalization)
+    model = attach_normalization(build_model(cfg.model, prep.input_shape, len(prep.class_names), cfg.objective.name), prep.normalization)
     weights, _ = ckpt.unpack_weights(ckpt.load_weights(checkpoint))  # the objective's (a projector) not needed
     try:
         model.load_state_dict(weights)

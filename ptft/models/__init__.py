@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from ptft.errors import UserError
 from ptft.models import backbone_names
 from ptft.registry import Registry
 
@@ -27,11 +28,79 @@ Activation = Literal["relu", "gelu", "silu"]
 Size = Annotated[int, Field(ge=1)]
 Sizes = Annotated[list[Size], Field(min_length=1)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
+# torchvision families with tokens, not a feature map, for ptft's decoder (models/decoders.py).
+TORCHVISION_TRANSFORMERS = ("vit", "swin")
 
 
-def build_model(model_cfg, input_shape, num_classes: int):
-    """The registry's model named by `model_cfg` (a config's `model:` section), with its options, on the CPU."""
-    return MODELS.get(model_cfg.name)(tuple(input_shape), num_classes, **model_cfg.options)
+def build_model(model_cfg, input_shape, num_classes: int, objective: str | None = None):
+    """The registry's model named by `model_cfg` (a config's `model:` section), with its options, on the CPU.
+
+    `objective` (the run's objective.name): one that reconstructs its input turns a library
+    backbone into an autoencoder with ptft's feature-map decoder (models/decoders.py).
+
+    Raises:
+        UserError: bad options; a backbone without a feature map for a reconstruction objective.
+    """
+    model = MODELS.get(model_cfg.name)(tuple(input_shape), num_classes, **model_cfg.options)
+    if objective is not None and decodes(model_cfg.name, objective):
+        from ptft.models import decoders
+
+        model = decoders.autoencoder_of(model, tuple(input_shape), model_cfg.name, objective)
+    return model
+
+
+def model_kind(model_name: str, objective: str | None = None) -> str | None:
+    """The kind of model `build_model` builds: the registry's, or "autoencoder" for a library backbone
+    that a reconstruction objective gives a decoder. None for import paths and plugins without one."""
+    if objective is not None and decodes(model_name, objective):
+        return "autoencoder"
+    return MODELS.meta(model_name).get("kind")
+
+
+def enable_grad_checkpointing(model, model_name: str) -> None:
+    """train.grad_checkpointing: the encoder recomputes its blocks' activations in the backward pass.
+
+    Raises:
+        UserError: naming the key and the model, when its encoder does not support it.
+    """
+    enable = getattr(model.encoder, "set_grad_checkpointing", None)
+    if enable is None:
+        raise UserError(f"train.grad_checkpointing: model.name {model_name!r} does not support gradient "
+                        "checkpointing (the torchvision: and timm: backbones do); set it to false")
+    try:
+        enable(True)
+    except UserError as exc:
+        reason = str(exc).removeprefix("train.grad_checkpointing: ")
+        raise UserError(f"train.grad_checkpointing: model.name {model_name!r}: {reason}") from None
+
+
+def decodes(model_name: str, objective: str) -> bool:
+    """Whether `objective` trains autoencoders only and `model_name` is a library backbone (torchvision:, timm:)."""
+    from ptft.objectives import OBJECTIVES
+
+    family = model_name.partition(":")[0] if ":" in model_name else None
+    return (family in MODELS.families() and not MODELS.is_import_path(model_name)
+            and tuple(OBJECTIVES.meta(objective).get("model_kinds", ())) == ("autoencoder",))
+
+
+def decoder_problem(model_name: str, objective: str) -> str | None:
+    """Without torch: why `objective` cannot train `model_name` (a torchvision transformer has no
+    feature map to decode), or None. timm models are checked when built (models/decoders.py)."""
+    if not decodes(model_name, objective) or not model_name.startswith("torchvision:"):
+        return None
+    family = backbone_names.TORCHVISION_FAMILY_OF.get(model_name.partition(":")[2])
+    if family not in TORCHVISION_TRANSFORMERS:
+        return None
+    return no_decoder_message(model_name, objective, has_patch_tokens=family == "vit")
+
+
+def no_decoder_message(model_name: str, objective: str, has_patch_tokens: bool) -> str:
+    """Why a reconstruction `objective` cannot train the transformer `model_name`, and which objectives can
+    (a message about the key objective.name)."""
+    fitting = "mae (masked patches in token space), " if has_patch_tokens else ""
+    fitting += "contrastive, vicreg or supervised"
+    return (f"{objective!r} reconstructs images through ptft's decoder of a convolutional feature "
+            f"map, and model.name {model_name!r} is a transformer with tokens instead; pretrain it with {fitting}")
 
 
 def summarize(model) -> list[tuple[str, int]]:

@@ -9,6 +9,7 @@ features are exactly what the library feeds its classifier: (N, C, H, W) -> (N, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import types
@@ -19,6 +20,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ptft.errors import UserError
+
+
+# LibraryEncoder's feature_map for networks whose `forward_features()` returns their last feature map (timm).
+FORWARD_FEATURES = "forward_features()"
 
 
 class LibraryEncoder(nn.Module):
@@ -38,12 +43,16 @@ class LibraryEncoder(nn.Module):
         blocks: paths of the containers whose children are the blocks to checkpoint (`encoder.layers`);
             None: the network checkpoints itself (timm's `set_grad_checkpointing`).
         tokens: a ViT's patch-token steps (`PatchTokens`), for objectives that mask patches (mae).
+        feature_map: where the network's last feature map (N, C', h, w), before its global pooling, comes
+            from, for ptft's feature-map decoder (models/decoders.py): the path of the submodule that
+            outputs it (`layer4`), or FORWARD_FEATURES (timm's method); None for transformers.
     """
 
     def __init__(self, net: nn.Module, *, out_features: int, layer_ids: dict[str, int], library_head: str,
                  stem: str, position_embedding: tuple[str, int, tuple[int, int]] | None = None,
                  legacy_renames: tuple[tuple[str, str], ...] = (), preprocessing: dict | None = None,
-                 blocks: tuple[str, ...] | None = (), tokens: PatchTokens | None = None):
+                 blocks: tuple[str, ...] | None = (), tokens: PatchTokens | None = None,
+                 feature_map: str | None = None):
         super().__init__()
         # The same dicts, not copies: moving, loading or freezing this module acts on the network
         # whose forward runs, and the names stay the library's.
@@ -63,6 +72,7 @@ class LibraryEncoder(nn.Module):
         self.preprocessing = preprocessing
         self._blocks = blocks
         self.patch_tokens = tokens
+        self._feature_map = feature_map
 
     def __getattr__(self, name: str):
         # The network's own attributes and methods (a ViT's image_size, timm's forward_features).
@@ -78,13 +88,25 @@ class LibraryEncoder(nn.Module):
         self._net.training = mode  # the network's own flag, which its forward may read
         return self
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def has_feature_map(self) -> bool:
+        """Whether `forward(x, feature_map=True)` works: a conv network's last feature map."""
+        return self._feature_map is not None
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, feature_map: bool = False) -> torch.Tensor:
         """(N, C, H, W) -> (N, out_features) features; with `keep`, a ViT's tokens of those patches only.
 
         `keep` (N, K) indices of the patches to encode (row-major over the patch grid) gives
         (N, prefix + K, D): the class token and the kept patches after the last block and norm.
+        `feature_map` gives the last feature map (N, C', h, w) instead of the pooled features.
         Through forward, so the encoder's input hooks (data.normalize) apply either way.
         """
+        if feature_map:
+            if self._feature_map is None:
+                raise ValueError(f"{type(self._net).__name__} has no feature map to decode")
+            if self._feature_map == FORWARD_FEATURES:
+                return self._net.forward_features(x)
+            return output_of(self._net, self._feature_map, x)
         if keep is None:
             return self._net(x)
         if self.patch_tokens is None:
@@ -97,25 +119,37 @@ class LibraryEncoder(nn.Module):
         """Recompute each block's activations in the backward pass instead of keeping them.
 
         Memory for activations drops to about one block's, for roughly a third more compute.
+        ptft checkpoints the blocks of torchvision networks itself, restoring batch norm's running
+        statistics after each recomputation so they are updated once per step, as without it;
+        timm networks checkpoint themselves.
 
         Raises:
-            UserError: the encoder has batch norm (recomputing a block would update its running
-                statistics twice per step) or no blocks to checkpoint.
+            UserError: a timm network without support for it, or one with batch norm (timm's
+                recomputation would update its running statistics twice per step); no blocks.
         """
-        if enable and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()):
-            raise UserError("grad checkpointing: this encoder has batch norm, whose running statistics would be "
-                            "updated twice per step; use it with transformer or ConvNeXt backbones")
         if self._blocks is None:
-            self._net.set_grad_checkpointing(enable)
+            self._library_grad_checkpointing(enable)
             return
         blocks = [block for path in self._blocks for block in self._net.get_submodule(path).children()]
         if not blocks:
-            raise UserError("grad checkpointing: this encoder has no blocks to checkpoint")
+            raise UserError("train.grad_checkpointing: this encoder has no blocks to checkpoint")
         for block in blocks:
             if enable:
                 block.forward = types.MethodType(_checkpointed_forward, block)  # an instance's own forward
             else:
                 block.__dict__.pop("forward", None)
+
+    def _library_grad_checkpointing(self, enable: bool) -> None:
+        name = type(self._net).__name__
+        if enable and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()):
+            raise UserError(f"train.grad_checkpointing: timm's {name} has batch norm, whose running statistics "
+                            "its recomputation would update twice per step; use a transformer or ConvNeXt, or "
+                            "the torchvision: family of this architecture")
+        try:
+            self._net.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError, AttributeError):  # timm: `assert not enable, "... not supported"`
+            raise UserError(f"train.grad_checkpointing: timm's {name} does not support gradient checkpointing; "
+                            "set it to false") from None
 
     def layer_of(self, param_name: str) -> int:
         """Depth of a parameter, 0 for the stem, num_layers - 1 for the last norm.
@@ -174,7 +208,50 @@ def _checkpointed_forward(block: nn.Module, *args):
     if not torch.is_grad_enabled():
         return forward(block, *args)
     # Non-reentrant: works with frozen inputs and keyword arguments, and restores the RNG for dropout.
-    return checkpoint(forward, block, *args, use_reentrant=False)
+    return checkpoint(forward, block, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(block)))
+
+
+@contextlib.contextmanager
+def _running_stats_kept(block: nn.Module):
+    """Batch norm's running statistics as they were before the recomputation of `block`'s forward.
+
+    The recomputation runs the block in training mode again, on the same batch: without this
+    each step would move the running mean and variance twice (and count two batches).
+    """
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [[buffer.clone() for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, (mean, var, count) in zip(norms, saved):
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.num_batches_tracked.copy_(count)
+
+
+def output_of(net: nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of `net`'s submodule `path` for the input `x`, running `net` only that far."""
+    captured = []
+
+    def stop(_module, _args, output):
+        captured.append(output)
+        raise _Reached  # what follows (pooling, classifier) is not needed
+
+    handle = net.get_submodule(path).register_forward_hook(stop)
+    try:
+        net(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class _Reached(Exception):
+    pass
 
 
 def resample_position_embedding(tensor: torch.Tensor, prefix: int, grid: tuple[int, int],

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ptft.models.backbone_names import import_timm
-from ptft.models.backbones import LibraryEncoder, PatchTokens, first_conv
+from ptft.models.backbones import FORWARD_FEATURES, LibraryEncoder, PatchTokens, first_conv
 
 PREPROCESSING_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct")
 
@@ -35,7 +35,8 @@ def timm_encoder(name: str, input_shape: tuple[int, int, int]) -> LibraryEncoder
     stem, _ = first_conv(net)
     return LibraryEncoder(net, out_features=out_features, layer_ids=_layer_ids(net), library_head=library_head,
                           stem=f"{stem}.weight", position_embedding=_position_embedding(net),
-                          preprocessing=preprocessing(net, name), blocks=None, tokens=TimmViTTokens.of(net))
+                          preprocessing=preprocessing(net, name), blocks=None, tokens=TimmViTTokens.of(net),
+                          feature_map=None if _patch_grid(net) else FORWARD_FEATURES)
 
 
 def _classifier_name(cfg: dict) -> str:

@@ -41,6 +41,13 @@ DEPTH_PLANS: dict[str, tuple[str, ...]] = {
     "vit": ("class_token|conv_proj|encoder.pos_embedding", "encoder.layers.*", "encoder.ln", "heads"),
     "swin": ("features.*", "norm"),
 }
+# Blocks to checkpoint (train.grad_checkpointing) of families whose depth plan names no `x.*` container.
+BLOCK_CONTAINERS = {"resnet": ("layer1", "layer2", "layer3", "layer4"), "shufflenet": ("stage2", "stage3", "stage4")}
+# The submodule whose output is the last feature map, before global pooling (models/decoders.py decodes it);
+# transformers (vit, swin) have tokens instead.
+FEATURE_MAPS = {"resnet": "layer4", "regnet": "trunk_output", "convnext": "features", "efficientnet": "features",
+                "mobilenet": "features", "mnasnet": "layers", "shufflenet": "conv5", "densenet": "features",
+                "vgg": "features"}
 # Families whose stem conv runs at stride 1 for small inputs (with the max-pool after it, if any, removed).
 STRIDE_ONE_STEMS = {"regnet": None, "efficientnet": None, "mobilenet": None, "mnasnet": None,
                     "shufflenet": "maxpool", "densenet": "features.pool0"}
@@ -76,7 +83,8 @@ def torchvision_encoder(arch: str, input_shape: tuple[int, int, int], small_inpu
         net, out_features=out_features, layer_ids=check_layer_ids(net, _layer_ids(net, DEPTH_PLANS[family])),
         library_head=library_head, stem=f"{stem}.weight", position_embedding=_position_embedding(net, family),
         legacy_renames=LEGACY_RENAMES.get(family, ()), preprocessing=preprocessing(arch),
-        blocks=_block_containers(DEPTH_PLANS[family]), tokens=ViTTokens(net) if family == "vit" else None)
+        blocks=BLOCK_CONTAINERS.get(family) or _block_containers(DEPTH_PLANS[family]),
+        tokens=ViTTokens(net) if family == "vit" else None, feature_map=FEATURE_MAPS.get(family))
 
 
 def _size_options(arch: str, family: str, input_shape) -> dict:

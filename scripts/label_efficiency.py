@@ -26,6 +26,13 @@ validation split of as many labels per class as the budget (`data.val_labels_per
 is what a user with that budget would really have, next to the generous 10% split.
 
     python scripts/label_efficiency.py --datasets digits,mnist,fashion_mnist --data-root ../shared/data
+
+Which pretraining checkpoint a finetune starts from (`--select`, cross-dataset only): the one with
+the best `val/knn_acc` (knn, the shipped config's choice), the one with the lowest SSL loss
+(loss: `checkpoint.monitor=val/loss`, the k-NN figure still logged), or both side by side, each
+row naming its selection, and the table's footnote the step each selection picked.
+
+    python scripts/label_efficiency.py --datasets digits --select both --methods scratch contrastive
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -48,6 +55,8 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = "scratch"
+# --select: the pretraining checkpoint a finetune starts from, by the checkpoint.monitor that picked it.
+SELECTIONS = {"knn": "val/knn_acc", "loss": "val/loss"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,22 @@ class Recipe:
     name: str
     pretrain: str | None  # a key of Study.pretrain; None: from scratch
     finetune: tuple[str, ...] = ()
+    select: str | None = None  # a key of SELECTIONS: which pretraining checkpoint; None: the config's own
+    tagged: bool = False  # the row names its selection (--select loss or both)
+
+    @property
+    def row(self) -> str:
+        return f"{self.name} (best {SELECTIONS[self.select]})" if self.tagged and self.select else self.name
+
+    @property
+    def folder(self) -> str:
+        return selection_folder(self.name, self.select)
+
+
+def selection_folder(name: str, select: str | None) -> str:
+    """A recipe's or pretraining's run folder: the plain name for the default selection (as before
+    --select existed), else one per selection (row names hold spaces and slashes)."""
+    return name if select in (None, "knn") else f"{name}-best-{select}"
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{', '.join(CROSS_METHODS)})")
     parser.add_argument("--budgets", nargs="+", type=int, help="labels per class (default: the dataset's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="finetune seeds")
+    parser.add_argument("--select", choices=[*SELECTIONS, "both"],
+                        help="--datasets: finetune from the pretraining checkpoint with the best val/knn_acc "
+                             "(knn, the default), the lowest val/loss (loss), or from each (both: a row apiece)")
     parser.add_argument("--val-per-class", action="store_true",
                         help="also finetune with a validation split of as many labels per class as the budget")
     parser.add_argument("--out", type=Path, help="results folder (default: results/label_efficiency/DATASET "
@@ -161,9 +189,27 @@ def _resolve_studies(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--methods: with {'--datasets' if args.cross else '--dataset'} expected some of "
                      f"{', '.join(known)}, got {' '.join(chosen)}")
     args.recipes = [recipe for recipe in args.recipes if recipe.name in chosen]
+    _resolve_selection(parser, args)
     args.budgets = sorted(set(args.budgets or next(iter(args.studies.values())).budgets))
     args.out = args.out or REPO / "results" / "label_efficiency" / name
     args.work = args.work or REPO / "runs" / "label_efficiency" / name
+
+
+def _resolve_selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.select, and each pretrained recipe once per selected checkpoint (the two side by side)."""
+    if not args.cross:
+        if args.select:  # the per-dataset configs keep their own checkpoint.monitor, without the k-NN monitor
+            parser.error("--select: only with --datasets, whose configs/ssl_pretrain.yaml logs val/knn_acc")
+        return
+    args.select = args.select or "knn"
+    selects = list(SELECTIONS) if args.select == "both" else [args.select]
+    args.recipes = [replace(recipe, select=select, tagged=args.select != "knn") if recipe.pretrain else recipe
+                    for recipe in args.recipes for select in (selects if recipe.pretrain else [None])]
+
+
+def selection_overrides(select: str | None) -> list[str]:
+    """A pretraining's overrides for `select`: the k-NN figure is logged either way, so both runs train alike."""
+    return [] if select is None else ["train.knn_monitor=true", f"checkpoint.monitor={SELECTIONS[select]}"]
 
 
 def run_ptft(args: list[str], log: Path) -> str:
@@ -204,7 +250,7 @@ class Finetune:
 
     @property
     def row(self) -> str:
-        return self.recipe.name + (", val = budget" if self.val_per_class else "")
+        return self.recipe.row + (", val = budget" if self.val_per_class else "")
 
 
 def dataset_work(args: argparse.Namespace, dataset: str) -> Path:
@@ -220,19 +266,25 @@ def stage_overrides(args: argparse.Namespace, dataset: str, run_dir: Path, quick
     return overrides + (quick if args.quick else [])
 
 
-def pretrain(args: argparse.Namespace, dataset: str, method: str) -> str:
-    """Pretrain with `method`'s config once; returns the checkpoint to finetune from."""
+def pretrain(args: argparse.Namespace, dataset: str, method: str, select: str | None) -> str:
+    """Pretrain with `method`'s config once, keeping the checkpoint `select` picks; returns it."""
     study = args.studies[dataset]
-    run_dir = dataset_work(args, dataset) / method / "pretrain"
-    overrides = [*study.pretrain_overrides.get(method, []), *stage_overrides(args, dataset, run_dir, QUICK_PRETRAIN)]
+    run_dir = dataset_work(args, dataset) / selection_folder(method, select) / "pretrain"
+    overrides = [*study.pretrain_overrides.get(method, []), *selection_overrides(select),
+                 *stage_overrides(args, dataset, run_dir, QUICK_PRETRAIN)]
     stdout = run_ptft(["pretrain", study.pretrain[method], *overrides, "--overwrite"], run_dir.with_suffix(".log"))
     return last_line(stdout)
+
+
+def best_of(checkpoint: str) -> dict | None:
+    """The checkpoint's meta.json `best`: the monitor that picked it, its step and value (None: not recorded)."""
+    return json.loads((REPO / checkpoint / "meta.json").read_text()).get("best")
 
 
 def finetune_accuracy(args: argparse.Namespace, run: Finetune, init: str | None) -> float:
     """Finetune on `run.budget` labels per class with `run.seed`, evaluate on the test split; returns accuracy."""
     name = f"labels{run.budget}-seed{run.seed}" + (f"-val{run.budget}" if run.val_per_class else "")
-    run_dir = dataset_work(args, run.dataset) / run.recipe.name / name
+    run_dir = dataset_work(args, run.dataset) / run.recipe.folder / name
     overrides = stage_overrides(args, run.dataset, run_dir, QUICK_FINETUNE) + [
         *run.recipe.finetune, f"init.checkpoint={init or 'null'}", f"data.labels_per_class={run.budget}",
         f"data.split_seed={run.seed}", f"run.seed={run.seed}"]
@@ -244,44 +296,49 @@ def finetune_accuracy(args: argparse.Namespace, run: Finetune, init: str | None)
     return metrics["accuracy"]
 
 
-def finetunes_from(args: argparse.Namespace, dataset: str, pretrain: str | None) -> list[Finetune]:
-    """Every finetune of `dataset` that starts from `pretrain` (None: from scratch)."""
+def finetunes_from(args: argparse.Namespace, dataset: str, pretrain: str | None,
+                   select: str | None = None) -> list[Finetune]:
+    """Every finetune of `dataset` that starts from `pretrain`'s `select`ed checkpoint (None: from scratch)."""
     variants = [False, True] if args.val_per_class else [False]
-    return [Finetune(dataset, recipe, budget, seed, val) for recipe in args.recipes if recipe.pretrain == pretrain
+    return [Finetune(dataset, recipe, budget, seed, val) for recipe in args.recipes
+            if recipe.pretrain == pretrain and recipe.select == select
             for val in variants for budget in args.budgets for seed in args.seeds]
 
 
-def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
-    """Every run, `args.jobs` at a time; returns their records and each pretraining's seconds.
+def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
+    """Every run, `args.jobs` at a time; returns their records and each pretraining's seconds and
+    the checkpoint it handed on (`best_of`), by "dataset/folder" (by folder for one dataset's study).
 
     Pretraining runs go first (they take longest); a pretraining's finetunes are queued as soon
     as its checkpoint exists, the from-scratch ones at once.
     """
-    records, pretrain_seconds = [], {}
-    pretrainings = list(dict.fromkeys(r.pretrain for r in args.recipes if r.pretrain))
-    total = sum(len(finetunes_from(args, d, p)) for d in args.studies for p in [None, *pretrainings])
+    records, pretrainings = [], {}
+    methods = list(dict.fromkeys((r.pretrain, r.select) for r in args.recipes if r.pretrain))
+    total = sum(len(finetunes_from(args, d, *p)) for d in args.studies for p in [(None,), *methods])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = {}
 
-        def queue_finetunes(dataset: str, pretrain: str | None, init: str | None) -> None:
-            for run in finetunes_from(args, dataset, pretrain):
+        def queue_finetunes(dataset: str, pretrain: str | None, select: str | None, init: str | None) -> None:
+            for run in finetunes_from(args, dataset, pretrain, select):
                 pending[pool.submit(timed, finetune_accuracy, args, run, init)] = run
 
         for dataset in args.studies:
-            for method in pretrainings:
-                pending[pool.submit(timed, pretrain, args, dataset, method)] = (dataset, method)
+            for method, select in methods:
+                pending[pool.submit(timed, pretrain, args, dataset, method, select)] = (dataset, method, select)
         for dataset in args.studies:
-            queue_finetunes(dataset, None, None)
+            queue_finetunes(dataset, None, None, None)
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     job, (result, seconds) = pending.pop(future), future.result()
                     if isinstance(job, tuple):
-                        dataset, method = job
-                        pretrain_seconds[f"{dataset}/{method}" if args.cross else method] = seconds
-                        note(f"pretrained {method} on {dataset} in {seconds:.0f} s")
-                        queue_finetunes(dataset, method, result)
+                        dataset, method, select = job
+                        folder = selection_folder(method, select)
+                        key = f"{dataset}/{folder}" if args.cross else folder
+                        pretrainings[key] = {"seconds": seconds, "best": best_of(result)}
+                        note(f"pretrained {folder} on {dataset} in {seconds:.0f} s")
+                        queue_finetunes(dataset, method, select, result)
                         continue
                     records.append({"dataset": job.dataset, "method": job.row, "labels_per_class": job.budget,
                                     "seed": job.seed, "accuracy": result, "seconds": seconds})
@@ -290,12 +347,12 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
         except BaseException:
             pool.shutdown(cancel_futures=True)  # a failed run ends the study; running ones finish
             raise
-    return sort_records(args, records), pretrain_seconds
+    return sort_records(args, records), pretrainings
 
 
 def sort_records(args: argparse.Namespace, records: list[dict]) -> list[dict]:
     """Records by dataset, then row (the recipes' order, each before its val = budget twin), budget, seed."""
-    rows = [f"{r.name}{suffix}" for r in args.recipes for suffix in ("", ", val = budget")]
+    rows = [f"{r.row}{suffix}" for r in args.recipes for suffix in ("", ", val = budget")]
     datasets = list(args.studies)
     return sorted(records, key=lambda r: (datasets.index(r["dataset"]), rows.index(r["method"]),
                                           r["labels_per_class"], r["seed"]))
@@ -342,8 +399,17 @@ def cross_table(rows_by_dataset: dict[str | None, list[tuple[str, int, float, fl
     return "\n".join(lines) + "\n"
 
 
-def write_results(args: argparse.Namespace, records: list[dict], pretrain_seconds: dict, wall_seconds: float) -> str:
-    """table.md, plot.png and raw.json into args.out; returns the table."""
+def selection_footnote(pretrainings: dict[str, dict]) -> str:
+    """Which step each pretraining's selection handed on, and its value there: the same step for
+    both selections means the same weights, so their rows can differ only by finetuning noise."""
+    lines = [f"- {key}: best {p['best']['monitor']} at step {p['best']['step']} ({p['best']['value']:.4g})"
+             for key, p in pretrainings.items() if p["best"]]
+    return "\n".join(["", "Pretraining checkpoints finetuned from:", *lines]) + "\n" if lines else ""
+
+
+def write_results(args: argparse.Namespace, records: list[dict], pretrainings: dict, wall_seconds: float) -> str:
+    """table.md, plot.png and raw.json into args.out; returns the table (a footnote on the pretraining
+    checkpoints when --select loss or both names them in the rows)."""
     rows_by_dataset = {dataset: summarize([r for r in records if r["dataset"] == dataset]) for dataset in args.studies}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.cross:
@@ -353,10 +419,14 @@ def write_results(args: argparse.Namespace, records: list[dict], pretrain_second
         rows = rows_by_dataset[args.dataset]
         table = markdown_table(rows, args.budgets, args.seeds)
         save_label_efficiency_plot(rows, args.out / "plot.png", title=f"{args.dataset}: label efficiency")
+    if any(recipe.tagged for recipe in args.recipes):
+        table += selection_footnote(pretrainings)
     (args.out / "table.md").write_text(table)
     raw = {"datasets" if args.cross else "dataset": list(args.studies) if args.cross else args.dataset,
            "command": " ".join(["python", *sys.argv]), "quick": args.quick, "wall_seconds": round(wall_seconds, 1),
-           "load_average": os.getloadavg(), "pretrain_seconds": pretrain_seconds, "runs": records}
+           "load_average": os.getloadavg(), "select": args.select,
+           "pretrain_seconds": {key: p["seconds"] for key, p in pretrainings.items()},
+           "pretrain_best": {key: p["best"] for key, p in pretrainings.items()}, "runs": records}
     (args.out / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
     return table
 
@@ -416,9 +486,9 @@ def save_cross_plot(rows_by_dataset: dict[str, list[tuple[str, int, float, float
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.monotonic()
-    records, pretrain_seconds = run_study(args)
+    records, pretrainings = run_study(args)
     wall = time.monotonic() - start
-    table = write_results(args, records, pretrain_seconds, wall)
+    table = write_results(args, records, pretrainings, wall)
     note(f"{', '.join(args.studies)} study done in {wall / 60:.1f} min; results in {args.out}")
     print(table, end="")
 

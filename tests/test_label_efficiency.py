@@ -122,8 +122,50 @@ def test_cross_table_puts_datasets_side_by_side_and_marks_missing_runs(script):
 
 
 @pytest.mark.parametrize("argv", [["--datasets", "cifar10"], ["--datasets", "digits", "--methods", "masked"],
-                                  ["--dataset", "digits", "--methods", "vicreg"]])
+                                  ["--dataset", "digits", "--methods", "vicreg"],
+                                  ["--dataset", "digits", "--select", "loss"],
+                                  ["--datasets", "digits", "--select", "best"]])
 def test_unknown_datasets_or_methods_of_the_other_study_are_refused(script, argv):
     with pytest.raises(SystemExit) as exc:
         script.parse_args(argv)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("select, rows", [
+    (None, ["scratch", "contrastive", "contrastive+fixmatch"]),
+    ("loss", ["scratch", "contrastive (best val/loss)", "contrastive+fixmatch (best val/loss)"]),
+    ("both", ["scratch", "contrastive (best val/knn_acc)", "contrastive (best val/loss)",
+              "contrastive+fixmatch (best val/knn_acc)", "contrastive+fixmatch (best val/loss)"])])
+def test_select_names_the_pretraining_checkpoint_in_the_rows_unless_it_is_the_default_knn(script, select, rows):
+    argv = ["--datasets", "digits", "--methods", "scratch", "contrastive", "contrastive+fixmatch"]
+    args = script.parse_args(argv + (["--select", select] if select else []))
+    assert args.select == (select or "knn")
+    assert [recipe.row for recipe in args.recipes] == rows
+    # The default selection keeps the run folders it always had.
+    assert {r.folder for r in args.recipes if r.select == "knn"} <= {"contrastive", "contrastive+fixmatch"}
+
+
+def test_quick_study_with_select_both_finetunes_from_each_pretraining_checkpoint(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--datasets", "digits", "--methods", "contrastive", "--select", "both",
+         "--budgets", "2", "--seeds", "0", "--quick", "--jobs", "2", "--out", str(out), "--work", str(work)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | digits 2 |"
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| contrastive (best val/knn_acc)",
+                                                         "| contrastive (best val/loss)"]
+    raw = json.loads((out / "raw.json").read_text())
+    assert raw["select"] == "both" and len(raw["runs"]) == 2
+    assert {key: best["monitor"] for key, best in raw["pretrain_best"].items()} == {
+        "digits/contrastive": "val/knn_acc", "digits/contrastive-best-loss": "val/loss"}
+    assert "- digits/contrastive-best-loss: best val/loss at step 2 (" in table
+    for folder, monitor in [("contrastive", "val/knn_acc"), ("contrastive-best-loss", "val/loss")]:
+        pretrained = yaml.safe_load((work / "digits" / folder / "pretrain" / "config.yaml").read_text())
+        # Both pretrainings log val/knn_acc; only the checkpoint they hand on differs.
+        assert pretrained["checkpoint"]["monitor"] == monitor and pretrained["train"]["knn_monitor"] is True
+        meta = json.loads((work / "digits" / folder / "labels2-seed0" / "checkpoints" / "last" / "meta.json")
+                          .read_text())
+        assert meta["parent"]["path"].startswith(str(work / "digits" / folder / "pretrain"))

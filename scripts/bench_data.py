@@ -5,7 +5,8 @@ Two folders, made by this script under a temporary directory (deleted at the end
 
   fashion   Fashion-MNIST as 70,000 PNGs in train/<class>/ and test/<class>/, written from the raw
             files in --data-root (torchvision's FashionMNIST(root, download=False))
-  rgb       --rgb-images synthetic 224 px RGB JPEGs in train/<class>/ (smooth colour fields plus noise)
+  rgb       --rgb-images synthetic 224 px RGB JPEGs in train/<class>/ and (a sixth) test/<class>/
+            (smooth colour fields plus noise)
 
 and these figures:
 
@@ -16,8 +17,15 @@ and these figures:
             (`ptft pretrain`'s parts: data already decoded, batches by index; one validation and
             one checkpoint at the end included), against torchvision ImageFolder + DataLoader
             (num_workers=2, shuffle) driving the same model for the same number of steps
+  memory    rgb only: peak resident memory of `ptft pretrain` (a subprocess each, the cache already
+            written) training --memory-steps steps with data.placement host, then device; and a
+            pass over every image with placement host against --budget-mib, a budget below the
+            cache's size. Peaks are the kernel's high-water mark (VmHWM) and sampled private
+            (RssAnon) and file-backed (RssFile) parts, from /proc: pages of the mapped cache are
+            file pages, which the kernel drops again under memory pressure, private memory it cannot
 
   python scripts/bench_data.py --data-root ../shared/data --channels 8,16 --json bench_data.json
+  python scripts/bench_data.py --skip-fashion --json bench_rgb.json    # the rgb folder and memory only
 
 On a machine shared with other jobs wall times mostly measure the others: run it alone for figures
 to quote, and read ratios from one run.
@@ -47,11 +55,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder holding FashionMNIST/raw")
-    parser.add_argument("--rgb-images", type=int, default=3000, help="synthetic 224 px JPEGs (0: skip)")
+    parser.add_argument("--rgb-images", type=int, default=15000,
+                        help="synthetic 224 px JPEGs, 147 KiB each decoded (0: skip)")
     parser.add_argument("--device", default="cpu", help="device of the epoch comparison")
     parser.add_argument("--channels", default="32,64",
                         help="conv_classifier's channels in the epoch comparison (smaller: the data path shows more)")
     parser.add_argument("--skip-epoch", action="store_true", help="leave the epoch comparison out")
+    parser.add_argument("--skip-fashion", action="store_true",
+                        help="leave the Fashion-MNIST folder out (and the epoch)")
+    parser.add_argument("--memory-steps", type=int, default=10,
+                        help="training steps of the host vs device memory runs (0: skip the memory figures)")
+    parser.add_argument("--budget-mib", type=float, default=1024,
+                        help="memory budget of the pass over the whole cache (the default cache is 2.1 GiB; a "
+                             "Python with torch holds about 0.3 GiB of private memory before any data)")
     parser.add_argument("--keep", type=Path, help="build the folders here and keep them (default: a temp dir)")
     parser.add_argument("--json", help="write every figure here as JSON ('-': stdout)")
     return parser.parse_args(argv)
@@ -78,13 +94,18 @@ def build_fashion_folder(data_root: Path, out: Path) -> Path:
 
 
 def build_rgb_folder(out: Path, count: int, classes: int = 10) -> Path:
-    """`count` 224 px RGB JPEGs: an upsampled 6x6 colour field per image plus pixel noise (photo-like sizes)."""
+    """`count` 224 px RGB JPEGs: an upsampled 6x6 colour field per image plus pixel noise (photo-like sizes).
+
+    Every sixth of a class goes to test/: without a test folder imagefolder holds out 20% of train by indexing
+    the mapped cache, which copies all of it into private memory and would hide what placement does.
+    """
     rng = np.random.default_rng(0)
     for i in range(count):
         field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((RGB_SIZE, RGB_SIZE),
                                                                                        Image.Resampling.BICUBIC)
         pixels = np.clip(np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, field.size + (3,)), 0, 255)
-        folder = out / "train" / f"c{i % classes}"
+        # Every sixth image of each class, so both splits stay balanced.
+        folder = out / ("test" if i // classes % 6 == 5 else "train") / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
     return out
@@ -201,6 +222,86 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ---- resident memory -------------------------------------------------------------------------------
+
+MEMORY_BATCH = 32
+MEMORY_CHANNELS = [8, 16]  # small, so the model's own memory does not hide the data's
+
+
+def memory_config(root: Path, cache_dir: Path, run_dir: Path, placement: str, steps: int | None) -> dict:
+    """`ptft pretrain` of a small conv classifier, `steps` steps (None: one epoch), data.placement `placement`."""
+    length = {"max_steps": steps} if steps else {"epochs": 1}
+    return {"run": {"dir": str(run_dir), "seed": 0},
+            "data": {"name": "imagefolder", "root": str(root), "cache_dir": str(cache_dir), "placement": placement,
+                     "batch_size": MEMORY_BATCH, "eval_batch_size": MEMORY_BATCH},
+            "model": {"name": "conv_classifier", "channels": MEMORY_CHANNELS}, "objective": {"name": "supervised"},
+            "optim": {"name": "adam", "lr": 1e-3}, "train": {**length, "device": "cpu"}}
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    """VmHWM (peak RSS), RssAnon and RssFile of a live process, in KiB ({} once it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split() for line in lines if line.startswith(("VmHWM:", "RssAnon:", "RssFile:")))
+    return {name.rstrip(":"): int(kib) for name, kib, *_ in fields}
+
+
+def peak_memory(config: dict, work: Path, name: str) -> dict:
+    """Run `ptft pretrain` on `config` in a subprocess; its peak RSS and the peaks of its private and file parts.
+
+    Not getrusage: Linux carries the parent's peak over the child's exec into the child's ru_maxrss,
+    and this process has held a whole decoded folder by now. VmHWM is the exec'd image's own.
+    """
+    import subprocess
+
+    import yaml
+
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.rmtree(config["run"]["dir"], ignore_errors=True)
+    with open(work / f"{name}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ptft", "pretrain", str(path)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+        peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+        started = time.perf_counter()
+        try:
+            while proc.poll() is None:  # VmHWM is a high-water mark: the last sample (20 ms before the exit) holds it
+                for field, kib in _status_kib(proc.pid).items():
+                    peaks[field] = max(peaks[field], kib)
+                time.sleep(0.02)
+        except BaseException:  # interrupted: no training run left behind
+            proc.kill()
+            proc.wait()
+            raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptft pretrain {path} exited {proc.returncode}:\n"
+                           + (work / f"{name}.log").read_text()[-3000:])
+    return {"peak_rss_bytes": peaks["VmHWM"] * 1024, "peak_private_bytes": peaks["RssAnon"] * 1024,
+            "peak_file_bytes": peaks["RssFile"] * 1024, "wall_s": time.perf_counter() - started}
+
+
+def memory_figures(root: Path, cache_dir: Path, work: Path, steps: int, budget_mib: float,
+                   cache_bytes: int) -> dict:
+    """Peak memory of `steps` steps with placement host vs device, and of a whole epoch with host under a budget."""
+    figures = {"steps": steps, "batch_size": MEMORY_BATCH}
+    for placement in ("host", "device"):
+        note(f"memory: {steps} steps, data.placement {placement} ...")
+        figures[placement] = peak_memory(memory_config(root, cache_dir, work / f"run_{placement}", placement, steps),
+                                         work, f"memory_{placement}")
+    budget = int(budget_mib * 2**20)
+    note(f"memory: one epoch over the whole cache, data.placement host, budget {budget / 2**20:,.0f} MiB ...")
+    epoch = peak_memory(memory_config(root, cache_dir, work / "run_budget", "host", None), work, "memory_budget")
+    # Both verdicts: RSS also counts the pages of the mapped cache a stage has read (its content
+    # fingerprint reads them all), which stay mapped until memory runs short; private memory is
+    # what the run cannot give back.
+    figures["budget"] = {**epoch, "budget_bytes": budget, "cache_bytes": cache_bytes,
+                         "rss_under_budget": epoch["peak_rss_bytes"] < budget,
+                         "private_under_budget": epoch["peak_private_bytes"] < budget}
+    return figures
+
+
 # ---- report ----------------------------------------------------------------------------------------
 
 def format_report(report: dict) -> str:
@@ -222,7 +323,29 @@ def format_report(report: dict) -> str:
                   "to build data and model from the cache)",
                   f"  ImageFolder+DL(2)  {epoch['torchvision']['epoch_s']:.1f} s",
                   f"  torchvision / ptft x{epoch['speedup']:.2f}"]
+    if report.get("memory"):
+        lines += format_memory(report["memory"])
     return "\n".join(lines)
+
+
+def format_memory(memory: dict) -> list[str]:
+    mib = 2**20
+    budget = memory["budget"]
+
+    def row(label: str, figures: dict) -> str:
+        return (f"  {label:<19}{figures['peak_rss_bytes'] / mib:,.0f} MiB peak RSS (private "
+                f"{figures['peak_private_bytes'] / mib:,.0f}, mapped file {figures['peak_file_bytes'] / mib:,.0f})")
+
+    def verdict(key: str) -> str:
+        return "under" if budget[key] else "OVER"
+
+    return [f"memory (rgb, `ptft pretrain`, conv_classifier {MEMORY_CHANNELS}, batch {memory['batch_size']}):",
+            row(f"{memory['steps']} steps, host", memory["host"]),
+            row(f"{memory['steps']} steps, device", memory["device"]),
+            row("epoch, host", budget),
+            f"  budget             {budget['budget_bytes'] / mib:,.0f} MiB for a "
+            f"{budget['cache_bytes'] / mib:,.0f} MiB cache: peak RSS {verdict('rss_under_budget')} it, "
+            f"private memory {verdict('private_under_budget')} it"]
 
 
 def main(argv=None) -> int:
@@ -232,28 +355,22 @@ def main(argv=None) -> int:
     report = {"cores": len(os.sched_getaffinity(0)), "device": str(device), "torch": torch.__version__,
               "channels": args.channels, "folders": {}}
     try:
-        folders = {}
-        if not (work / "fashion" / "train").is_dir():
-            note("writing Fashion-MNIST as 70,000 PNGs ...")
-            build_fashion_folder(args.data_root, work / "fashion")
-        folders["fashion"] = work / "fashion"
-        if args.rgb_images:
-            if not (work / "rgb" / "train").is_dir():
-                note(f"writing {args.rgb_images:,} synthetic {RGB_SIZE} px JPEGs ...")
-                build_rgb_folder(work / "rgb", args.rgb_images)
-            folders["rgb"] = work / "rgb"
+        folders = build_folders(args, work)
         for name, root in folders.items():
             note(f"{name}: decode rates ...")
             decode = decode_rates(root, report["cores"])
             note(f"{name}: cache ...")
             report["folders"][name] = {"decode": decode, "cache": cache_figures(root, work / f"cache_{name}")}
-        if not args.skip_epoch:
+        if "fashion" in folders and not args.skip_epoch:
             note("epoch: ptft, then ImageFolder + DataLoader ...")
             cfg = epoch_config(folders["fashion"], work / "cache_fashion", work / "run", args.device,
                                [int(c) for c in args.channels.split(",")])
             ours = epoch_ptft(cfg, device)
             theirs = epoch_torchvision(cfg, folders["fashion"], ours["steps"], device)
             report["epoch"] = {"ptft": ours, "torchvision": theirs, "speedup": theirs["epoch_s"] / ours["epoch_s"]}
+        if "rgb" in folders and args.memory_steps:
+            report["memory"] = memory_figures(folders["rgb"], work / "cache_rgb", work, args.memory_steps,
+                                              args.budget_mib, report["folders"]["rgb"]["cache"]["cache_bytes"])
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -265,6 +382,22 @@ def main(argv=None) -> int:
         else:
             Path(args.json).write_text(text + "\n")
     return 0
+
+
+def build_folders(args: argparse.Namespace, work: Path) -> dict[str, Path]:
+    """The folders the arguments ask for, written under `work` unless a kept run left them there."""
+    folders = {}
+    if not args.skip_fashion:
+        if not (work / "fashion" / "train").is_dir():
+            note("writing Fashion-MNIST as 70,000 PNGs ...")
+            build_fashion_folder(args.data_root, work / "fashion")
+        folders["fashion"] = work / "fashion"
+    if args.rgb_images:
+        if not (work / "rgb" / "train").is_dir():
+            note(f"writing {args.rgb_images:,} synthetic {RGB_SIZE} px JPEGs ...")
+            build_rgb_folder(work / "rgb", args.rgb_images)
+        folders["rgb"] = work / "rgb"
+    return folders
 
 
 if __name__ == "__main__":

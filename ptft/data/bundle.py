@@ -55,10 +55,10 @@ def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = S
         unlabelled=unlabelled,
         labelled=unlabelled if shares_unlabelled else _examples(tensors, labelled_idx, device),
         val=_examples(tensors, val_idx, device),
-        test=TensorSplit(host_rows([tensors.test_x], None, device), tensors.test_y),
+        test=TensorSplit(host_rows([tensors.test_array], tensors.test_rows, device), tensors.test_y),
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
-        input_shape=tuple(tensors.train_x.shape[1:]),
-        fingerprint=data_fingerprint(data_cfg, tensors.train_x, tensors.train_y, val_idx, labelled_idx),
+        input_shape=tuple(tensors.train_array.shape[1:]),
+        fingerprint=data_fingerprint(data_cfg, _train_images(tensors), tensors.train_y, val_idx, labelled_idx),
         normalization=normalization,
     )
     return place_splits(bundle, reads, device, data_cfg.placement)
@@ -97,16 +97,25 @@ def _image_options(name: str, data_cfg) -> dict:
             "cache_dir": data_cfg.cache_dir}
 
 
+def _train_images(tensors: DatasetTensors):
+    """The train split's images, not read: the array itself, or HostRows over its rows (the fingerprint
+    reads them a chunk at a time)."""
+    rows = tensors.train_rows_of()
+    return tensors.train_array if rows is None else host_rows([tensors.train_array], rows, "cpu")
+
+
 def _examples(tensors: DatasetTensors, index: torch.Tensor, device) -> TensorSplit:
-    """Rows `index` of the train split, not read: HostRows bound for `device`, labels on the CPU."""
-    return TensorSplit(host_rows([tensors.train_x], index, device), tensors.train_y[index])
+    """Examples `index` of the train split, not read: HostRows bound for `device`, labels on the CPU."""
+    return TensorSplit(host_rows([tensors.train_array], tensors.train_rows_of(index), device), tensors.train_y[index])
 
 
 def _unlabelled_examples(tensors: DatasetTensors, train_idx: torch.Tensor, device) -> TensorSplit:
     """The train split followed by the dataset's extra unlabelled images (labelled -1), not read."""
     if tensors.unlabelled_x is None:
         return _examples(tensors, train_idx, device)
-    extra = torch.arange(len(tensors.train_x), len(tensors.train_x) + len(tensors.unlabelled_x))
+    start = len(tensors.train_array)  # the extra images' rows follow the train array's in the concatenation
+    extra = torch.arange(start, start + len(tensors.unlabelled_x))
     no_label = torch.full((len(tensors.unlabelled_x),), -1, dtype=torch.long)
-    return TensorSplit(host_rows([tensors.train_x, tensors.unlabelled_x], torch.cat([train_idx, extra]), device),
+    rows = torch.cat([tensors.train_rows_of(train_idx), extra])
+    return TensorSplit(host_rows([tensors.train_array, tensors.unlabelled_x], rows, device),
                        torch.cat([tensors.train_y[train_idx], no_label]))

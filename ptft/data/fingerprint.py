@@ -15,12 +15,14 @@ them. Torch-free at import, so a stage can compare fingerprints without loading 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 SPLIT_KEYS = ("split_seed", "val_fraction")  # the data.* settings that choose the validation split
+BYTES_PER_CHUNK = 1 << 26  # image bytes hashed at a time: bounded memory for any dataset size
 
 
 def data_fingerprint(data_cfg, train_x: Tensor, train_y: Tensor, val_idx: Tensor, labelled_idx: Tensor) -> dict:
@@ -28,7 +30,8 @@ def data_fingerprint(data_cfg, train_x: Tensor, train_y: Tensor, val_idx: Tensor
 
     Args:
         data_cfg: the `data` config section (name, split_seed, val_fraction).
-        train_x, train_y: the dataset's own train split, on the CPU, as the dataset builder returned it.
+        train_x, train_y: the dataset's own train split, on the CPU, as the dataset builder returned it
+            (images as a tensor, or as HostRows: anything whose `.split(n)` yields its rows in order).
         val_idx, labelled_idx: indices into it of the validation split and the labelled subset.
     """
     return {
@@ -84,9 +87,11 @@ def _split_settings(fingerprint: dict) -> str:
 
 def _content_sha256(x: Tensor, y: Tensor) -> str:
     # dtype and shape first, so equal bytes of another layout do not collide; little-endian bytes,
-    # so the digest is the same on every machine.
+    # so the digest is the same on every machine. Images are hashed a chunk of rows at a time: the
+    # same digest as all at once, without gathering rows of a mapped cache into one copy.
     digest = hashlib.sha256(f"{x.dtype}:{tuple(x.shape)}:{y.dtype}:{tuple(y.shape)}".encode())
-    for tensor in (x, y):
+    row_bytes = max(1, x.shape[1:].numel() * x.dtype.itemsize)
+    for tensor in itertools.chain(x.split(max(1, BYTES_PER_CHUNK // row_bytes)), [y]):  # one chunk read at a time
         array = tensor.contiguous().numpy()
         digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).data)
     return digest.hexdigest()

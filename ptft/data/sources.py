@@ -185,11 +185,13 @@ def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str =
     train_x, test_x = images[:n_train], images[n_train:n_train + n_test]
     unlabelled_x = images[n_train + n_test:] if len(images) > n_train + n_test else None
     train_y, test_y = torch.tensor(train_y, dtype=torch.long), torch.tensor(test_y, dtype=torch.long)
-    if not n_test:
-        train_idx, test_idx = train_val_split(train_y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
-        train_x, test_x, train_y, test_y = train_x[train_idx], train_x[test_idx], train_y[train_idx], train_y[test_idx]
-    return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
-                          unlabelled_x=unlabelled_x)
+    if n_test:
+        return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
+                              unlabelled_x=unlabelled_x)
+    # Both splits stay rows of the mapped cache: gathering them would copy all of it into private memory.
+    train_idx, test_idx = train_val_split(train_y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
+    return DatasetTensors(train_x, train_y[train_idx], train_x, train_y[test_idx], num_classes=len(classes),
+                          class_names=classes, unlabelled_x=unlabelled_x, train_rows=train_idx, test_rows=test_idx)
 
 
 def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:

@@ -217,6 +217,33 @@ def _report_user_error(exc: UserError) -> int:
 
 def main() -> None:
     """Entry point of the `ptft` console script and `python -m ptft`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_teardown(_run)
+    _run()
+
+
+def _exit_without_teardown(run) -> None:
+    """Under torchrun: run, then leave with the exit code at once, skipping interpreter teardown.
+
+    By then the process group is destroyed and every file is written and closed; what teardown
+    would still do is destroy C++ objects whose threads (gloo, the rendezvous store) can abort the
+    process ("terminate called without an active exception", SIGABRT), seen once under load on
+    CI: torchrun then reports exit 1 for a run that finished, and a shell script chaining stages
+    stops on a good checkpoint.
+    """
+    try:
+        run()
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # what sys.exit("message") would have printed on the way out
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run() -> None:
     try:
         # Typer's standalone mode handles --help and usage errors (exit 2); our own errors
         # propagate out of it. Ctrl-C inside a command would become click's "Aborted!"

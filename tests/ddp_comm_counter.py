@@ -41,7 +41,8 @@ def _wrap(module, device, *, find_unused):
 def main() -> None:
     out, args = Path(sys.argv[1]), sys.argv[2:]
     dist.wrap = _wrap  # assembly and engine call dist.wrap through the module
-    from ptft.cli import main as ptft_main
+    # cli._run, not cli.main: main leaves a torchrun process with os._exit, which would skip writing the counts.
+    from ptft.cli import _run as ptft_main
 
     sys.argv = ["ptft", *args]
     try:

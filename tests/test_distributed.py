@@ -276,3 +276,21 @@ def test_a_linear_probe_all_reduces_only_the_head_until_it_unfreezes(tmp_path):
         counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         # Steps 1-4 train the head alone, 5-8 everything: DDP rebuilt once, at the unfreeze.
         assert counts["floats"] == 4 * head + 4 * everything, counts
+
+
+@pytest.mark.parametrize("outcome, code", [(None, 0), (SystemExit(0), 0), (SystemExit(2), 2), (SystemExit(130), 130),
+                                           (SystemExit("bad"), 1)])
+def test_a_torchrun_process_leaves_with_its_exit_code_and_no_interpreter_teardown(outcome, code, monkeypatch, capsys):
+    from ptft import cli
+
+    def run():
+        print("done")
+        if outcome is not None:
+            raise outcome
+
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    cli._exit_without_teardown(run)
+    assert exits == [code]
+    captured = capsys.readouterr()
+    assert captured.out == "done\n" and captured.err == ("bad\n" if code == 1 else "")

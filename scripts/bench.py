@@ -30,7 +30,6 @@ on two busy cores spin-wait for each other): `--threads 1 --clock cpu` times the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 
 from bench_paths import (PATHS, HandLoop, Interleaver, LoaderLoop, Meter, build_ptft, lightning_available,
-                         loader_dataset, run_lightning, run_ptft, train_step, workload_loss)
+                         loader_dataset, run_lightning, run_ptft, train_step, workload_loss, write_report)
 from ptft.config import load_config
 from ptft.data import DATASETS
 from ptft.data.sources import MNIST_FILES
@@ -313,11 +312,7 @@ def main(argv=None) -> int:
                            "cpu_count": os.cpu_count()},
               "notes": notes, "cli": cli, "workloads": workloads, "targets": check_targets(workloads, cli)}
     note(format_report(report))
-    text = json.dumps(report, indent=2) + "\n"
-    if args.json == "-":
-        sys.stdout.write(text)
-    elif args.json:
-        Path(args.json).write_text(text)
+    write_report(report, args.json)
     return 0
 
 

@@ -21,7 +21,6 @@ The issue's goal: at most +10% pretraining time at the default frequency on MNIS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench_paths import write_report
 from ptft.assembly import build_run, build_tracker, build_train_parts
 from ptft.config import config_hash, load_config
 from ptft.engine import fit
@@ -176,11 +176,7 @@ def main(argv=None) -> int:
                            "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
               "runs": runs, "summary": summarize(runs)}
     note(format_report(report))
-    text = json.dumps(report, indent=2) + "\n"
-    if args.json == "-":
-        sys.stdout.write(text)
-    elif args.json:
-        Path(args.json).write_text(text)
+    write_report(report, args.json)
     return 0
 
 

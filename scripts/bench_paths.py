@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import resource
 import sys
@@ -97,6 +98,15 @@ class Meter:
         keys = ("rss", "cuda") if self.cuda else ("rss",)
         return {f"peak_{key}_mib": round((setup.get(key, 0) + rise[key]) / MIB, 1) if key in rise else None
                 for key in keys}
+
+
+def write_report(report: dict, target: str | None) -> None:
+    """The benches' `--json` target: '-' for stdout, a file path, or None for no JSON."""
+    text = json.dumps(report, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    elif target:
+        Path(target).write_text(text)
 
 
 def _current_rss() -> int:

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -98,17 +99,31 @@ def _warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
 def peak_memory(device: torch.device) -> dict:
     """This process's peak memory so far: host resident set, and CUDA's allocated bytes on a GPU.
 
-    Host: the maximum resident set size (getrusage), which includes Python, torch's libraries and
-    data on the CPU. Device: torch.cuda.max_memory_allocated, i.e. tensors, not the caching
-    allocator's reserve or the CUDA context. None where it is not measured (MPS).
+    Host: the maximum resident set size, which includes Python, torch's libraries and data on the
+    CPU: Linux's VmHWM where /proc has it, else getrusage. Device: torch.cuda.max_memory_allocated,
+    i.e. tensors, not the caching allocator's reserve or the CUDA context. None where it is not
+    measured (MPS).
     """
-    import resource
-
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    host = peak_rss if sys.platform == "darwin" else peak_rss * 1024  # macOS counts bytes, Linux KiB
+    host = _peak_rss_bytes()
     on_device = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"device": str(device), "peak_host_bytes": int(host),
             "peak_device_bytes": None if on_device is None else int(on_device)}
+
+
+def _peak_rss_bytes() -> int:
+    # Linux's getrusage reports at least the RSS of the process that forked this one (the forked
+    # address space keeps its high-water mark through exec), so ptft started by a large parent (a
+    # notebook, a test runner, a bench) would record the parent's peak. VmHWM is this process's own.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak_rss if sys.platform == "darwin" else peak_rss * 1024  # macOS counts bytes, Linux KiB
 
 
 class InterruptFlag:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_pretrain_config, write_yaml
+from conftest import REPO, tiny_pretrain_config, write_yaml
 from ptft.config import config_from_dict
 from ptft.runtime import configure_backend
 
@@ -126,3 +127,18 @@ def test_peak_device_memory_is_read_from_cuda_on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 123 * 2**20)
     assert peak_memory(CUDA)["peak_device_bytes"] == 123 * 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_peak_host_memory_is_the_processs_own_not_its_large_parents():
+    import subprocess
+    import sys
+
+    ballast = bytearray(1024 * 2**20)  # a parent holding 1 GiB, resident
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    child = subprocess.run([sys.executable, "-c", "import torch; from ptft.runtime import peak_memory; "
+                            "print(peak_memory(torch.device('cpu'))['peak_host_bytes'])"],
+                           capture_output=True, text=True, check=True, cwd=REPO)
+    # getrusage would say at least 1 GiB here (the forked address space keeps its high-water mark).
+    assert int(child.stdout) < 768 * 2**20
+    del ballast

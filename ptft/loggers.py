@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ptft.distributed import is_writer
+from ptft.durable import replacing
 from ptft.errors import UserError
 from ptft.rundir import RunDir
 
@@ -28,13 +28,6 @@ class Logger(Protocol):
     def log(self, step: int, record: dict) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _replace_text(path: Path, text: str) -> None:
-    # Rewritten under a temp name and renamed: a kill mid-rewrite leaves the old file, never half of it.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class JsonlLogger:
@@ -52,7 +45,8 @@ class JsonlLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        _replace_text(self.path, "".join(line + "\n" for line in kept))
+        with replacing(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, record: dict) -> None:
         with self.path.open("a") as f:
@@ -94,12 +88,10 @@ class CsvLogger:
         return ["step", *sorted(keys - {"step"})]
 
     def _rewrite(self, columns: list[str], rows: list[dict]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with tmp.open("w", newline="") as f:
+        with replacing(self.path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
         self.columns = columns
 
     def log(self, step: int, record: dict) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptft.config import Config, config_diff, config_to_yaml, load_config
+from ptft.durable import replacing
 from ptft.errors import RunDirError, UserError
 from ptft.optim import SCHEDULES
 
@@ -288,7 +289,5 @@ def _check_schedule_length(run_dir: Path, saved: Config, cfg: Config) -> None:
 
 def write_config(run_dir: Path, cfg: Config) -> None:
     """Write the resolved config atomically: it alone reproduces the run."""
-    final = RunDir(run_dir).config
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, final)
+    with replacing(RunDir(run_dir).config) as tmp:
+        tmp.write_text(config_to_yaml(cfg))

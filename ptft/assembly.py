@@ -208,7 +208,7 @@ MONITOR_PROBE_EXAMPLES = 4
 @torch.inference_mode()
 def validation_metric_names(model: torch.nn.Module, objective: torch.nn.Module, val: TensorSplit,
                             seed: int) -> list[str]:
-    """The metrics `engine.evaluate_objective` logs for this objective: "val/loss" and "val/<log>".
+    """The metrics `scoring.evaluate_objective` logs for this objective: "val/loss" and "val/<log>".
 
     One eval-mode pass over the first few validation examples, moved to the model's device:
     weights and batch-norm statistics stay as they are, and the train/eval modes are restored.

@@ -18,7 +18,7 @@ import torch
 from ptft import checkpoint as ckpt
 from ptft import distributed as dist
 from ptft.console import progress_bar
-from ptft.data.batches import Batches, iterate_eval
+from ptft.data.batches import Batches
 from ptft.data.tensors import TensorSplit
 from ptft.ema import STATE_KEY as EMA_STATE_KEY
 from ptft.ema import ModelEma
@@ -28,6 +28,7 @@ from ptft.loggers import Throughput, open_loggers
 from ptft.meta import CheckpointMeta
 from ptft.rng import StepRandomness, capture_rng_state, restore_rng_state
 from ptft.rundir import RunDir
+from ptft.scoring import evaluate_objective, saved_modules
 from ptft.runtime import InterruptFlag, autocast, peak_memory
 
 
@@ -133,66 +134,6 @@ class TrainStep(torch.nn.Module):
 
     def forward(self, x, y, generator):
         return self.objective(self.model, x, y, generator)
-
-
-@torch.inference_mode()
-def evaluate_objective(parts: TrainParts, split, settings: LoopSettings) -> dict[str, float]:
-    """Mean objective loss (and its logs) over a split, with fixed noise seeds.
-
-    Batches of the objective's `eval_chunk_size` when it has one (its figures depend on the
-    batching), else of `settings.eval_batch_size`: either way the figures do not change with
-    data.eval_batch_size, which --resume may change. Under torchrun each rank validates its slice
-    of whole batches (`dist.shard_rows`) and the sums are added over ranks: every rank gets the
-    figures of one process (up to float summation order), so best and early stop agree.
-    """
-    model, objective = _scored(parts)
-    for module in (model, objective):  # batch-norm statistics: rank 0's, the ones saved
-        dist.share_buffers(module)
-    model.eval()
-    objective.eval()
-    batch_size = getattr(parts.objective, "eval_chunk_size", None) or settings.eval_batch_size
-    sums = dist.sum_by_key(_objective_sums(parts.device, model, objective, split, batch_size, settings))
-    count = sums.pop(_EXAMPLES)
-    metrics = {f"val/{k}": v / count for k, v in sums.items()}
-    if getattr(parts, "knn", None) is not None:
-        metrics.update(parts.knn(model, split, settings.eval_batch_size))
-    return metrics
-
-
-def _saved(parts: TrainParts) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The model and objective a checkpoint's model.safetensors holds: the EMA's when there is one."""
-    ema = getattr(parts, "ema", None)
-    return (ema.model, ema.objective) if ema is not None else (parts.model, parts.objective)
-
-
-def _scored(parts: TrainParts) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """What validation runs: the saved model, or its counterpart over `forward_model`'s inputs."""
-    model, objective = _saved(parts)
-    ema = getattr(parts, "ema", None)
-    forward_model = ema.forward_model if ema is not None else getattr(parts, "forward_model", None)
-    return (model if forward_model is None else forward_model), objective
-
-
-# Validation batch i draws its noise from seed + i * this (odd, so the low 32 bits a CPU generator
-# keeps differ for every i): the same noise whichever rank validates the batch; batch 0 keeps seed.
-_EVAL_BATCH_SEED_STRIDE = 0x9E3779B1
-_EXAMPLES = "#examples"  # the example count among the sums: no name an objective logs
-
-
-def _objective_sums(device, model, objective, split, batch_size: int, settings: LoopSettings) -> dict[str, float]:
-    """This rank's sums of the loss and logs over its slice (each batch's mean times its size), and its count."""
-    rows = dist.shard_rows(len(split.x), batch_size)
-    generator = torch.Generator(device=device)
-    totals: dict[str, torch.Tensor] = {}
-    count = 0
-    for index, (x, y) in enumerate(iterate_eval(split.x[rows], split.y[rows], batch_size), rows.start // batch_size):
-        generator.manual_seed((settings.seed + index * _EVAL_BATCH_SEED_STRIDE) % 2**63)
-        with autocast(settings.precision, device):
-            loss, logs = objective(model, x, y, generator)
-        for key, value in {"loss": loss, **logs}.items():
-            totals[key] = totals.get(key, 0) + value.detach().float() * len(x)
-        count += len(x)
-    return {_EXAMPLES: count, **{key: value.item() for key, value in totals.items()}}
 
 
 def _train_mode(parts: TrainParts) -> None:
@@ -372,7 +313,7 @@ class _Loop:
         meta = self.meta_base.at(step=step, epoch=epoch, metrics=metrics,
                                  best={"monitor": tracker.monitor, "value": tracker.best, "step": tracker.best_step},
                                  memory=peak_memory(parts.device))
-        return ckpt.save_checkpoint(self.run_dir, ckpt.pack_weights(*_saved(parts)), state, meta,
+        return ckpt.save_checkpoint(self.run_dir, ckpt.pack_weights(*saved_modules(parts)), state, meta,
                                     best=best, keep_last=self.settings.keep_last, protect=self.protect)
 
 

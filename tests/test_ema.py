@@ -129,7 +129,7 @@ def test_the_handed_on_checkpoint_holds_the_average_not_the_trained_weights(tmp_
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])  # finetune: a linear probe, its head on features
 def test_val_loss_logged_with_ema_is_the_averaged_models_loss(tmp_path, stage):
-    from ptft.engine import evaluate_objective
+    from ptft.scoring import evaluate_objective
 
     config = _ema_config(tmp_path / "run", max_steps=10) if stage == "pretrain" else tiny_finetune_config(
         tmp_path / "run", None, train={"ema_decay": DECAY}, finetune={"mode": "linear_probe"})

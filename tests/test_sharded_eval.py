@@ -39,7 +39,7 @@ def _config(run_dir: Path, objective: str):
 def _validate(run_dir: Path, objective: str) -> tuple[dict, int]:
     """val/* of a freshly seeded model (the same weights in every process) and the examples this rank saw."""
     from ptft.assembly import build_run, build_train_parts
-    from ptft.engine import evaluate_objective
+    from ptft.scoring import evaluate_objective
 
     torch.manual_seed(0)
     run = build_run(_config(run_dir, objective), torch.device("cpu"), stage="pretrain")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def count_decodes(monkeypatch):
 
 
 def entries(cache_dir: Path) -> list[str]:
-    return sorted(path.name for path in (cache_dir / "images").glob("*.npy"))
+    """The cache's pixel files (each entry's row digests, KEY.rows.npy, not counted)."""
+    return sorted(path.name for path in (cache_dir / "images").glob("*.npy") if not path.name.endswith(".rows.npy"))
 
 
 def test_a_second_load_maps_the_cache_instead_of_decoding(tmp_path, count_decodes, capsys):
@@ -103,7 +105,8 @@ def test_a_moved_folder_maps_the_same_entry(tmp_path, count_decodes):
 def test_a_half_written_or_damaged_entry_is_never_used(tmp_path, count_decodes):
     root, cache_dir = image_tree(tmp_path / "images"), tmp_path / "cache"
     good = load(root, cache_dir).train_x.clone()
-    (npy,) = (cache_dir / "images").glob("*.npy")
+    (name,) = entries(cache_dir)
+    npy = cache_dir / "images" / name
     data = npy.read_bytes()
     # A killed writer leaves a temporary file only; a damaged entry is shorter than its header says.
     npy.rename(npy.with_name(f".{npy.name}.123.abcd.tmp"))
@@ -143,7 +146,7 @@ CONCURRENT_LOAD = textwrap.dedent("""
     root, cache_dir, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     files = sorted(root.rglob("*.png"))
     time.sleep(max(0.0, start - time.time()))
-    images, bad = cached_decode(files, root, DecodeOptions(), cache_dir)
+    images = cached_decode(files, root, DecodeOptions(), cache_dir).images
     print(int(images.sum(dtype="int64")), images.shape)
 """)
 
@@ -192,3 +195,16 @@ def test_a_broken_link_is_an_unreadable_file_like_any_other(tmp_path):
     with pytest.raises(DataError, match=r"^data.root: cannot read image '.*gone\.png'"):
         load(root, cache_dir)
     assert len(load(root, cache_dir, skip_bad_files=True).train_x) == 12
+
+
+def test_each_entry_keeps_a_digest_per_image_and_an_old_entry_gets_them_once(tmp_path, count_decodes):
+    root, cache_dir = image_tree(tmp_path / "images"), tmp_path / "cache"
+    files = sorted(map(str, root.rglob("*.png")))
+    first = cache.cached_decode(files, root, DecodeOptions(), cache_dir)
+    expected = [hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=16).digest() for row in first.images]
+    assert [bytes(row) for row in first.row_digests] == expected
+    (digests,) = (cache_dir / "images").glob("*.rows.npy")
+    assert np.array_equal(np.load(digests), first.row_digests)
+    digests.unlink()  # an entry written before row digests existed
+    again = cache.cached_decode(files, root, DecodeOptions(), cache_dir)
+    assert np.array_equal(again.row_digests, first.row_digests) and digests.exists() and count_decodes == [14]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import tiny_finetune_config, tiny_pretrain_config, write_yaml
 from ptft.config.schema import DataSection
-from ptft.data import DATASETS, build_data, fingerprint, sources
+from ptft.data import DATASETS, build_data, cache, fingerprint, sources
 from ptft.data.batches import DeviceBatches
 from ptft.data.placement import HostRows
 from ptft.data.splits import train_val_split
@@ -47,9 +47,9 @@ def mapped(monkeypatch) -> list[np.ndarray]:
     real = sources.cached_decode
 
     def recording(*args, **kwargs):
-        images, bad = real(*args, **kwargs)
-        seen.append(images)
-        return images, bad
+        folder = real(*args, **kwargs)
+        seen.append(folder.images)
+        return folder
 
     monkeypatch.setattr(sources, "cached_decode", recording)
     return seen
@@ -120,8 +120,13 @@ def test_splits_fingerprint_statistics_and_batches_equal_the_copying_loaders(tmp
     monkeypatch.setattr(DATASETS, "get", lambda name: lambda root, download, **options: old_tensors)
     old = build_data(data_section(root, tmp_path / "cache", "device"), "cpu")
     assert old.fingerprint["content_sha256"] == old_content_sha256(old_tensors.train_x, old_tensors.train_y)
+    # The folder's content hash comes from the cache's row digests (no pixel read): the digests of
+    # exactly the copied train split's images.
+    copied_digests = torch.from_numpy(cache.row_digests(old_tensors.train_x.numpy()))
+    content = fingerprint.rows_content_sha256(copied_digests, tuple(old_tensors.train_x.shape), old_tensors.train_y)
     for bundle in new.values():
-        assert bundle.fingerprint == old.fingerprint and bundle.normalization == old.normalization
+        assert bundle.fingerprint == {**old.fingerprint, "content_sha256": content}
+        assert bundle.normalization == old.normalization
         assert bundle.input_shape == old.input_shape == (1, 6, 6)
         for name in SPLIT_NAMES:
             split, expected = getattr(bundle, name), getattr(old, name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ptft.data import DATASETS
-from ptft.data.fingerprint import data_fingerprint
+from ptft.data.fingerprint import data_fingerprint, pixels_content_sha256, rows_content_sha256
 from ptft.data.normalize import normalization_stats
 from ptft.data.placement import SPLITS, host_rows, place_splits
 from ptft.data.splits import label_subset, train_val_split
@@ -58,7 +58,7 @@ def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = S
         test=TensorSplit(host_rows([tensors.test_array], tensors.test_rows, device), tensors.test_y),
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
         input_shape=tuple(tensors.train_array.shape[1:]),
-        fingerprint=data_fingerprint(data_cfg, _train_images(tensors), tensors.train_y, val_idx, labelled_idx),
+        fingerprint=data_fingerprint(data_cfg, _train_content_sha256(tensors), val_idx, labelled_idx),
         normalization=normalization,
     )
     return place_splits(bundle, reads, device, data_cfg.placement)
@@ -94,14 +94,18 @@ def _image_options(name: str, data_cfg) -> dict:
     if not DATASETS.meta(name).get("image_size"):
         return {}
     return {"image_size": data_cfg.image_size, "resize": data_cfg.resize, "skip_bad_files": data_cfg.skip_bad_files,
-            "cache_dir": data_cfg.cache_dir}
+            "cache_dir": data_cfg.cache_dir, "decoder": data_cfg.decoder}
 
 
-def _train_images(tensors: DatasetTensors):
-    """The train split's images, not read: the array itself, or HostRows over its rows (the fingerprint
-    reads them a chunk at a time)."""
+def _train_content_sha256(tensors: DatasetTensors) -> str:
+    """The train split's content hash: from its row digests when the builder has them (an image folder's
+    decode cache: no pixel is read), else from its pixels, a chunk at a time (HostRows over its rows)."""
     rows = tensors.train_rows_of()
-    return tensors.train_array if rows is None else host_rows([tensors.train_array], rows, "cpu")
+    if tensors.row_digests is not None:
+        digests = tensors.row_digests if rows is None else tensors.row_digests[rows]
+        return rows_content_sha256(digests, (len(digests), *tensors.train_array.shape[1:]), tensors.train_y)
+    images = tensors.train_array if rows is None else host_rows([tensors.train_array], rows, "cpu")
+    return pixels_content_sha256(images, tensors.train_y)
 
 
 def _examples(tensors: DatasetTensors, index: torch.Tensor, device) -> TensorSplit:

@@ -1,13 +1,15 @@
 """The decode cache: a folder's decoded pixels, written once, mapped by every stage, run and torchrun rank.
 
-    CACHE_DIR/images/<key>.npy    (N, C, H, W) uint8 of the readable files, in file order
-    CACHE_DIR/images/<key>.json   facts: root, pixel rules, file count, shape, unreadable files
+    CACHE_DIR/images/<key>.npy        (N, C, H, W) uint8 of the readable files, in file order
+    CACHE_DIR/images/<key>.json       facts: root, pixel rules, file count, shape, unreadable files
+    CACHE_DIR/images/<key>.rows.npy   (N, 16) uint8: each image's blake2b-128 digest, so a stage can
+                                      fingerprint a split's content without reading its pixels
 
 The key is the sha256 of the pixel rules (`DecodeOptions.pixel_rules`: image_size, resize, the
 rules' version) and of the folder's listing: each file's path relative to data.root, size and
 mtime. A changed, added or removed file makes another key, so a changed folder is decoded again;
-a moved folder keeps its key. Both files are written under a temporary name, fsynced and renamed,
-the .json first and the .npy last: an .npy under its final name is complete, and a killed writer
+a moved folder keeps its key. The files are written under a temporary name, fsynced and renamed,
+the pixels' .npy last: an .npy under its final name is complete, and a killed writer
 leaves only a temporary file that nothing reads. A lock file per key makes a second writer (another
 stage, run or rank started meanwhile) wait and map instead of decoding; where locks do not work
 (some network file systems) both decode and the last rename wins, each file complete and equal.
@@ -23,16 +25,29 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ptft.console import note
+from ptft.data import residency
 from ptft.data.decoding import Decoded, DecodeOptions, decode_files
 from ptft.durable import fsync_path
 from ptft.errors import DataError
 
 FORMAT_VERSION = 1  # of the cache files themselves
+DIGEST_BYTES = 16  # of each image's row digest: blake2b-128, collisions out of reach
+DIGEST_CHUNK_BYTES = 1 << 26  # pixels read at a time while computing row digests
+
+
+@dataclass
+class CachedFolder:
+    """A folder's decoded pixels, what could not be read, and a digest of each image."""
+
+    images: np.ndarray  # (K, C, H, W) uint8 of the K readable files, in file order
+    bad: dict[int, str]  # index into the files -> why that file is unreadable
+    row_digests: np.ndarray  # (K, DIGEST_BYTES) uint8: row_digests[i] identifies images[i]'s pixels
 
 
 def default_cache_dir() -> Path:
@@ -42,12 +57,12 @@ def default_cache_dir() -> Path:
 
 
 def cached_decode(files: list[str | Path], root: Path, options: DecodeOptions,
-                  cache_dir: str | Path | None = None) -> tuple[np.ndarray, dict[int, str]]:
+                  cache_dir: str | Path | None = None) -> CachedFolder:
     """The pixels of `files` (as `decode_files` makes them) from the cache, decoding and caching them on a miss.
 
     Returns:
-        (images, bad): (K, C, H, W) uint8 of the K readable files, memory-mapped copy-on-write when
-        cached (writes stay private to this process); {index into files: why that file is unreadable}.
+        CachedFolder: the images memory-mapped copy-on-write when cached (and registered with
+        `ptft.data.residency`, which bounds how many of their pages stay resident).
 
     Raises:
         DataError: as `decode_files`; an unreadable file recorded in the cache also raises unless
@@ -63,7 +78,7 @@ def cached_decode(files: list[str | Path], root: Path, options: DecodeOptions,
             hit = _mapped(npy, facts_path, root, options)  # another process may have written it while we waited
             if hit is None:
                 return _decode_and_write(files, root, options, npy, facts_path)
-    note(f"mapped cache {npy} ({len(hit[0])} images) in {time.perf_counter() - started:.1f}s")
+    note(f"mapped cache {npy} ({len(hit.images)} images) in {time.perf_counter() - started:.1f}s")
     return hit
 
 
@@ -84,8 +99,20 @@ def folder_key(files: list[str | Path], root: Path, options: DecodeOptions) -> s
     return digest.hexdigest()
 
 
-def _mapped(npy: Path, facts_path: Path, root: Path, options: DecodeOptions) -> tuple[np.ndarray, dict] | None:
-    """The cached (images, bad) of a complete entry, or None when there is none (or it is damaged)."""
+def row_digests(images: np.ndarray) -> np.ndarray:
+    """(N, DIGEST_BYTES) uint8: the blake2b-128 of each image's bytes, read a chunk of rows at a time."""
+    out = np.empty((len(images), DIGEST_BYTES), dtype=np.uint8)
+    rows_per_chunk = max(1, DIGEST_CHUNK_BYTES // max(1, images[0].nbytes if len(images) else 1))
+    for start in range(0, len(images), rows_per_chunk):
+        chunk = np.ascontiguousarray(images[start:start + rows_per_chunk])
+        out[start:start + len(chunk)] = np.frombuffer(
+            b"".join(hashlib.blake2b(row.data, digest_size=DIGEST_BYTES).digest() for row in chunk),
+            dtype=np.uint8).reshape(len(chunk), DIGEST_BYTES)
+    return out
+
+
+def _mapped(npy: Path, facts_path: Path, root: Path, options: DecodeOptions) -> CachedFolder | None:
+    """The cached folder of a complete entry, or None when there is none (or it is damaged)."""
     try:
         facts = json.loads(facts_path.read_text())
         images = np.load(npy, mmap_mode="c")  # raises on a file shorter than its header says
@@ -97,11 +124,32 @@ def _mapped(npy: Path, facts_path: Path, root: Path, options: DecodeOptions) -> 
     bad = {int(i): reason.replace(facts["root"], str(root)) for i, reason in facts["bad"].items()}
     if bad and not options.skip_bad_files:
         raise DataError(bad[min(bad)])
-    return images, bad
+    residency.track(images)
+    return CachedFolder(images, bad, _cached_row_digests(npy, images))
+
+
+def _cached_row_digests(npy: Path, images: np.ndarray) -> np.ndarray:
+    """The entry's row digests; an entry written before they existed gets them now, once."""
+    path = _digests_path(npy)
+    try:
+        digests = np.load(path)
+        if digests.shape == (len(images), DIGEST_BYTES) and digests.dtype == np.uint8:
+            return digests
+    except (OSError, ValueError):
+        pass
+    digests = row_digests(images)
+    residency.release_all()  # that read every page of the cache
+    with contextlib.suppress(OSError):  # a read-only cache still works: it hashes again next time
+        _write_array(path, digests)
+    return digests
+
+
+def _digests_path(npy: Path) -> Path:
+    return npy.with_name(f"{npy.stem}.rows.npy")
 
 
 def _decode_and_write(files: list, root: Path, options: DecodeOptions, npy: Path,
-                      facts_path: Path) -> tuple[np.ndarray, dict[int, str]]:
+                      facts_path: Path) -> CachedFolder:
     decoded = decode_files(files, options, scratch=_scratch(npy.parent))
     facts = {"format_version": FORMAT_VERSION, "root": str(root), "folder": str(root.resolve()),
              "pixel_rules": options.pixel_rules(),
@@ -112,10 +160,13 @@ def _decode_and_write(files: list, root: Path, options: DecodeOptions, npy: Path
     except OSError as exc:
         note(f"decoded {len(files)} files in {decoded.seconds:.1f}s; could not cache them in {npy.parent} ({exc}), "
              "so the next stage decodes them again (set data.cache_dir to a writable folder)")
-        return decoded.array(), decoded.bad
+        images = decoded.array()
+        return CachedFolder(images, decoded.bad, row_digests(images))
     note(f"decoded {len(files)} files in {decoded.seconds:.1f}s, cached in {npy}")
     _remove_replaced(npy, facts)
-    return np.load(npy, mmap_mode="c"), decoded.bad
+    images = np.load(npy, mmap_mode="c")
+    residency.track(images)
+    return CachedFolder(images, decoded.bad, _cached_row_digests(npy, images))
 
 
 def _scratch(folder: Path) -> Path | None:
@@ -143,6 +194,17 @@ def _write_pixels(npy: Path, decoded: Decoded) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _write_array(path: Path, array: np.ndarray) -> None:
+    temporary = _temporary_name(path)
+    try:
+        with temporary.open("wb") as out:
+            np.save(out, array)
+        fsync_path(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_name(path)
@@ -159,8 +221,6 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-
-
 def _remove_replaced(npy: Path, facts: dict) -> None:
     """Delete the entries of an earlier state of the same folder with the same pixel rules: the
     cache then holds one entry per (folder, rules), not one per edit. A process still mapping a
@@ -172,6 +232,7 @@ def _remove_replaced(npy: Path, facts: dict) -> None:
             old = json.loads(other.read_text())
             if old.get("folder") == facts["folder"] and old.get("pixel_rules") == facts["pixel_rules"]:
                 other.with_suffix(".npy").unlink(missing_ok=True)  # the .npy first: a .json alone is never read
+                _digests_path(other.with_suffix(".npy")).unlink(missing_ok=True)
                 other.unlink(missing_ok=True)
                 other.with_suffix(".lock").unlink(missing_ok=True)
         except (OSError, ValueError):

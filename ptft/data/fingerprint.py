@@ -5,7 +5,9 @@ them. Torch-free at import, so a stage can compare fingerprints without loading 
 
     dataset          data.name
     content_sha256   the dataset's train split (images and labels) that the indices below point
-                     into: the data's identity wherever data.root is
+                     into: the data's identity wherever data.root is. An image folder's is
+                     computed from its decode cache's per-image digests (`rows_content_sha256`),
+                     so a stage never reads every pixel to fingerprint them
     split_seed       data.split_seed
     val_fraction     data.val_fraction
     val_size, val_sha256              the validation split: its size and the sha256 of its index set
@@ -25,18 +27,17 @@ SPLIT_KEYS = ("split_seed", "val_fraction")  # the data.* settings that choose t
 BYTES_PER_CHUNK = 1 << 26  # image bytes hashed at a time: bounded memory for any dataset size
 
 
-def data_fingerprint(data_cfg, train_x: Tensor, train_y: Tensor, val_idx: Tensor, labelled_idx: Tensor) -> dict:
+def data_fingerprint(data_cfg, content_sha256: str, val_idx: Tensor, labelled_idx: Tensor) -> dict:
     """What checkpoints record so a later stage can tell whether it sees the same examples.
 
     Args:
         data_cfg: the `data` config section (name, split_seed, val_fraction).
-        train_x, train_y: the dataset's own train split, on the CPU, as the dataset builder returned it
-            (images as a tensor, or as HostRows: anything whose `.split(n)` yields its rows in order).
+        content_sha256: the dataset's own train split's `pixels_content_sha256` or `rows_content_sha256`.
         val_idx, labelled_idx: indices into it of the validation split and the labelled subset.
     """
     return {
         "dataset": data_cfg.name,
-        "content_sha256": _content_sha256(train_x, train_y),
+        "content_sha256": content_sha256,
         "split_seed": data_cfg.split_seed,
         "val_fraction": data_cfg.val_fraction,
         "val_size": len(val_idx),
@@ -85,7 +86,9 @@ def _split_settings(fingerprint: dict) -> str:
     return ", ".join(f"{key} {fingerprint.get(key, 'not recorded')}" for key in SPLIT_KEYS)
 
 
-def _content_sha256(x: Tensor, y: Tensor) -> str:
+def pixels_content_sha256(x: Tensor, y: Tensor) -> str:
+    """sha256 hex of images `x` (a tensor, or HostRows: anything whose `.split(n)` yields its rows in order)
+    and labels `y`, on the CPU."""
     # dtype and shape first, so equal bytes of another layout do not collide; little-endian bytes,
     # so the digest is the same on every machine. Images are hashed a chunk of rows at a time: the
     # same digest as all at once, without gathering rows of a mapped cache into one copy.
@@ -94,6 +97,15 @@ def _content_sha256(x: Tensor, y: Tensor) -> str:
     for tensor in itertools.chain(x.split(max(1, BYTES_PER_CHUNK // row_bytes)), [y]):  # one chunk read at a time
         array = tensor.contiguous().numpy()
         digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).data)
+    return digest.hexdigest()
+
+
+def rows_content_sha256(row_digests: Tensor, shape: tuple[int, ...], y: Tensor) -> str:
+    """sha256 hex of images of `shape` (N, C, H, W) given as their (N, 16) uint8 row digests, and labels `y`."""
+    # A prefix of its own: never equal to a pixels_content_sha256 of other data.
+    digest = hashlib.sha256(f"ptft-row-digests:{tuple(shape)}:{y.dtype}:{tuple(y.shape)}".encode())
+    digest.update(row_digests.contiguous().numpy().tobytes())
+    digest.update(y.contiguous().numpy().astype("<i8").tobytes())
     return digest.hexdigest()
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from ptft.console import note
+from ptft.data import residency
 from ptft.data.tensors import DataBundle, TensorSplit
 
 SPLITS = ("unlabelled", "labelled", "val", "test")
@@ -74,18 +75,27 @@ class HostRows:
         """The rows (K, C, H, W) gathered into host memory, pinned when they are bound for a GPU."""
         out = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
         if len(self.parts) == 1:
-            return torch.index_select(self.parts[0], 0, self.rows, out=out)
+            return _gather(self.parts[0], self.rows, out)
         part_of = torch.bucketize(self.rows, self._ends, right=True)  # (K,) which part holds each row
         for i, part in enumerate(self.parts):
             where = (part_of == i).nonzero().squeeze(1)
             start = int(self._ends[i]) - len(part)
-            out[where] = part[self.rows[where] - start]
+            out[where] = _gather(part, self.rows[where] - start, torch.empty((len(where), *out.shape[1:]),
+                                                                             dtype=out.dtype))
         return out
 
     def split(self, size: int) -> Iterator[torch.Tensor]:
         """Consecutive chunks of `size` rows, each read into host memory (as Tensor.split, for statistics)."""
         for start in range(0, len(self), size):
             yield self[start:start + size].read()
+
+
+def _gather(part: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of `part` into `out`: read from the file when `part` is a mapped decode cache (none of
+    its pages then becomes resident here, ptft.data.residency), else indexed in memory."""
+    if residency.read_rows(part, rows, out):
+        return out
+    return torch.index_select(part, 0, rows, out=out)
 
 
 def host_rows(arrays: Iterable[torch.Tensor], rows: torch.Tensor | None, device) -> HostRows:

@@ -17,9 +17,10 @@ import torch
 from ptft.console import note
 from ptft.data.cache import cached_decode
 from ptft.data.decoding import DecodeOptions
+from ptft.data.images import JPEG_EXTRA, simplejpeg_installed
 from ptft.data.splits import train_val_split
 from ptft.data.tensors import DatasetTensors
-from ptft.errors import DataError
+from ptft.errors import DataError, UserError
 
 # digits (and an imagefolder without test/) has no test split of its own: a fixed stratified
 # 20%, independent of any run seed, so every run is compared on the same test images.
@@ -158,7 +159,7 @@ def load_stl10(root: Path, download: bool) -> DatasetTensors:
 
 
 def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str = "crop", skip_bad_files: bool = False,
-                     cache_dir: Path | None = None) -> DatasetTensors:
+                     cache_dir: Path | None = None, decoder: str = "auto") -> DatasetTensors:
     """A user's images, uint8 (N, C, H, W): classes are the sorted folder names under `root/train`.
 
     `root/test/<class>/` is the test split when present, otherwise a fixed stratified 20% of
@@ -173,10 +174,15 @@ def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str =
         DataError: a missing train folder, a class without (readable) images, a test class unknown
             to train, an unreadable image (unless `skip_bad_files`), a mode or pixel values with no
             meaning in 0..255, or mixed sizes without `image_size` (each names the path).
+        UserError: `decoder` simplejpeg without simplejpeg installed.
     """
+    if decoder == "simplejpeg" and not simplejpeg_installed():
+        raise UserError(f"data.decoder: simplejpeg is not installed; install it with {JPEG_EXTRA}, or set "
+                        "data.decoder to auto (simplejpeg where installed) or pil")
     classes, (train_files, train_y), (test_files, test_y), unlabelled_files = _folder_listing(root)
     files = train_files + test_files + unlabelled_files
-    images, bad = _decoded_folder(files, root, DecodeOptions(image_size, resize, skip_bad_files), cache_dir)
+    options = DecodeOptions(image_size, resize, skip_bad_files, decoder)
+    images, bad, digests = _decoded_folder(files, root, options, cache_dir)
     _require_readable_classes(root / "train", classes, train_y, bad)
     # `images` holds the readable files alone, in file order: keep their labels.
     train_y = [label for i, label in enumerate(train_y) if i not in bad]
@@ -185,13 +191,15 @@ def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str =
     train_x, test_x = images[:n_train], images[n_train:n_train + n_test]
     unlabelled_x = images[n_train + n_test:] if len(images) > n_train + n_test else None
     train_y, test_y = torch.tensor(train_y, dtype=torch.long), torch.tensor(test_y, dtype=torch.long)
+    train_digests = digests[:n_train]  # the fingerprint's content hash reads these, not the pixels
     if n_test:
         return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
-                              unlabelled_x=unlabelled_x)
+                              unlabelled_x=unlabelled_x, row_digests=train_digests)
     # Both splits stay rows of the mapped cache: gathering them would copy all of it into private memory.
     train_idx, test_idx = train_val_split(train_y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
     return DatasetTensors(train_x, train_y[train_idx], train_x, train_y[test_idx], num_classes=len(classes),
-                          class_names=classes, unlabelled_x=unlabelled_x, train_rows=train_idx, test_rows=test_idx)
+                          class_names=classes, unlabelled_x=unlabelled_x, train_rows=train_idx, test_rows=test_idx,
+                          row_digests=train_digests)
 
 
 def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:
@@ -208,13 +216,14 @@ def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:
 
 
 def _decoded_folder(files: list[str], root: Path, options: DecodeOptions,
-                    cache_dir: Path | None) -> tuple[torch.Tensor, dict[int, str]]:
-    """(images (K, C, H, W) uint8 of the K readable files, {file index: why unreadable}); skipped files listed."""
-    images, bad = cached_decode(files, root, options, cache_dir)
-    if bad:
-        listed = "\n".join(f"  {reason.removeprefix('data.root: ')}" for reason in bad.values())
-        note(f"skipped {len(bad)} unreadable image(s) (data.skip_bad_files):\n{listed}")
-    return torch.from_numpy(images), bad
+                    cache_dir: Path | None) -> tuple[torch.Tensor, dict[int, str], torch.Tensor]:
+    """(images (K, C, H, W) uint8 of the K readable files, {file index: why unreadable}, (K, 16) uint8 row
+    digests); skipped files listed."""
+    folder = cached_decode(files, root, options, cache_dir)
+    if folder.bad:
+        listed = "\n".join(f"  {reason.removeprefix('data.root: ')}" for reason in folder.bad.values())
+        note(f"skipped {len(folder.bad)} unreadable image(s) (data.skip_bad_files):\n{listed}")
+    return torch.from_numpy(folder.images), folder.bad, torch.from_numpy(folder.row_digests)
 
 
 def _require_readable_classes(train_dir: Path, classes: list[str], train_y: list[int], bad: dict) -> None:

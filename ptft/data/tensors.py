@@ -25,15 +25,18 @@ class DatasetTensors:
         train_x, test_x: the splits' images, or (with rows) the arrays their rows are taken from.
         train_y, test_y: the splits' labels, one per row.
         train_rows, test_rows: (N,) int64 rows of `train_x` / `test_x`; None: all of it, in order.
+        row_digests: (len(train_x), 16) uint8, a digest of each row of `train_x` (the decode cache's),
+            or None: the data fingerprint then hashes the train split's pixels themselves.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
                  class_names: list[str], unlabelled_x: Tensor | None = None, *, train_rows: Tensor | None = None,
-                 test_rows: Tensor | None = None):
+                 test_rows: Tensor | None = None, row_digests: Tensor | None = None):
         self.train_array, self.train_rows, self.train_y = train_x, train_rows, train_y
         self.test_array, self.test_rows, self.test_y = test_x, test_rows, test_y
         self.num_classes, self.class_names = num_classes, class_names
         self.unlabelled_x = unlabelled_x  # extra images without labels (stl10's 'unlabeled' split)
+        self.row_digests = row_digests
 
     @property
     def train_x(self) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 
 import ptft
 from ptft.config import Config, config_hash
+from ptft.data.images import RULES_VERSION
 from ptft.errors import CheckpointError
 from ptft.models import model_kind
 
@@ -86,7 +87,7 @@ def run_meta(cfg: Config, stage: str, data, parent: dict | None) -> CheckpointMe
                "kind": model_kind(cfg.model.name, cfg.objective.name)},  # "autoencoder": a backbone + ptft's decoder
         objective=cfg.objective.name, data=data.fingerprint,
         inputs={"shape": list(data.input_shape), "class_names": list(data.class_names),
-                "normalize": data.normalization},
+                "normalize": data.normalization, "pixel_rules": RULES_VERSION},
         versions={"ptft": ptft.__version__, "torch": torch.__version__, "python": platform.python_version()},
         parent=parent, lineage=list(parent["lineage"]) if parent else [],
         ema={"decay": cfg.train.ema_decay} if cfg.train.ema_decay is not None else None,

@@ -10,7 +10,8 @@ Two folders, made by this script under a temporary directory (deleted at the end
 
 and these figures:
 
-  decode    first decode rate (images/s): one process vs a pool on every core (ptft.data.decoding)
+  decode    first decode rate (images/s): one process vs a pool on every core (ptft.data.decoding);
+            for the JPEG folder also one process with data.decoder pil against simplejpeg (when installed)
   cache     cold load (decode + write the cache) and reload (map the cache) through the imagefolder
             dataset, and build_data as a stage calls it; the cache's size on disk
   epoch     fashion only: one epoch of conv_classifier (batch 128, Adam) through ptft's own loop
@@ -22,7 +23,7 @@ and these figures:
             pass over every image with placement host against --budget-mib, a budget below the
             cache's size. Peaks are the kernel's high-water mark (VmHWM) and sampled private
             (RssAnon) and file-backed (RssFile) parts, from /proc: pages of the mapped cache are
-            file pages, which the kernel drops again under memory pressure, private memory it cannot
+            file pages, which the kernel drops again under memory pressure; private memory it cannot.
 
   python scripts/bench_data.py --data-root ../shared/data --channels 8,16 --json bench_data.json
   python scripts/bench_data.py --skip-fashion --json bench_rgb.json    # the rgb folder and memory only
@@ -65,9 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="leave the Fashion-MNIST folder out (and the epoch)")
     parser.add_argument("--memory-steps", type=int, default=10,
                         help="training steps of the host vs device memory runs (0: skip the memory figures)")
-    parser.add_argument("--budget-mib", type=float, default=1024,
-                        help="memory budget of the pass over the whole cache (the default cache is 2.1 GiB; a "
-                             "Python with torch holds about 0.3 GiB of private memory before any data)")
+    parser.add_argument("--budget-mib", type=float, default=1536,
+                        help="memory budget of the pass over the whole cache (the default cache is 2.1 GiB; "
+                             "the process itself takes about 1 GiB before any cache page: 0.3 GiB of torch's "
+                             "shared libraries, 0.3 GiB of its private memory, and the model's activations)")
     parser.add_argument("--keep", type=Path, help="build the folders here and keep them (default: a temp dir)")
     parser.add_argument("--json", help="write every figure here as JSON ('-': stdout)")
     return parser.parse_args(argv)
@@ -117,14 +119,22 @@ def decode_rates(root: Path, cores: int) -> dict:
     """images/s decoding every file once: in this process, then with a pool on every core."""
     from ptft.data.decoding import DecodeOptions, decode_files
 
+    from ptft.data.images import simplejpeg_installed
+
     files = sorted(path for path in root.rglob("*") if path.suffix in (".png", ".jpg"))
+    jpegs = all(path.suffix == ".jpg" for path in files) and simplejpeg_installed()
+    runs = [("one process, PIL", 0, "pil")] if jpegs else []  # the same pixels, PIL's own decoder
+    runs += [("one process", 0, "auto"), (f"pool of {cores}", cores, "auto")]
     rates = {}
-    for name, workers in (("one process", 0), (f"pool of {cores}", cores)):
+    for name, workers, decoder in runs:
         started = time.perf_counter()
-        decode_files(files, DecodeOptions(), workers=workers)
+        decode_files(files, DecodeOptions(decoder=decoder), workers=workers)
         rates[name] = len(files) / (time.perf_counter() - started)
-    return {"files": len(files), "images_per_s": rates,
-            "pool_speedup": rates[f"pool of {cores}"] / rates["one process"]}
+    figures = {"files": len(files), "images_per_s": rates,
+               "pool_speedup": rates[f"pool of {cores}"] / rates["one process"]}
+    if jpegs:
+        figures["simplejpeg_speedup"] = rates["one process"] / rates["one process, PIL"]
+    return figures
 
 
 def cache_figures(root: Path, cache_dir: Path) -> dict:
@@ -293,9 +303,9 @@ def memory_figures(root: Path, cache_dir: Path, work: Path, steps: int, budget_m
     budget = int(budget_mib * 2**20)
     note(f"memory: one epoch over the whole cache, data.placement host, budget {budget / 2**20:,.0f} MiB ...")
     epoch = peak_memory(memory_config(root, cache_dir, work / "run_budget", "host", None), work, "memory_budget")
-    # Both verdicts: RSS also counts the pages of the mapped cache a stage has read (its content
-    # fingerprint reads them all), which stay mapped until memory runs short; private memory is
-    # what the run cannot give back.
+    # Both verdicts: RSS also counts the file pages a stage has mapped (torch's shared libraries, and
+    # any page of the cache read through its mapping rather than with preadv, ptft.data.residency),
+    # which the kernel can take back; private memory is what the run cannot give back.
     figures["budget"] = {**epoch, "budget_bytes": budget, "cache_bytes": cache_bytes,
                          "rss_under_budget": epoch["peak_rss_bytes"] < budget,
                          "private_under_budget": epoch["peak_private_bytes"] < budget}
@@ -310,7 +320,9 @@ def format_report(report: dict) -> str:
         decode, cache = figures["decode"], figures["cache"]
         rates = ", ".join(f"{k} {v:,.0f}/s" for k, v in decode["images_per_s"].items())
         lines += [f"{name}: {decode['files']:,} files",
-                  f"  first decode       {rates} (pool x{decode['pool_speedup']:.2f})",
+                  f"  first decode       {rates} (pool x{decode['pool_speedup']:.2f}"
+                  + (f", simplejpeg x{decode['simplejpeg_speedup']:.2f} PIL" if "simplejpeg_speedup" in decode else "")
+                  + ")",
                   f"  cold load          {cache['cold_load_s']:.1f} s (decode + write cache)",
                   f"  reload from cache  {cache['reload_s']:.2f} s "
                   f"(build_data: {cache['build_data_from_cache_s']:.2f} s)",

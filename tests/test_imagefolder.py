@@ -371,17 +371,25 @@ def test_a_pool_of_processes_decodes_the_same_pixels_as_one_process(tmp_path):
     assert np.array_equal(alone.array(), expected)
 
 
-def test_each_image_file_is_opened_once(tmp_path, monkeypatch):
+def test_each_image_file_is_read_once(tmp_path, monkeypatch):
     root = image_tree(tmp_path / "images")
+    read, real_read = [], Path.read_bytes
     opened, real_open = [], Image.open
 
-    def counted_open(path, *args, **kwargs):
-        opened.append(Path(path))
-        return real_open(path, *args, **kwargs)
+    def counted_read(path):
+        read.append(Path(path))
+        return real_read(path)
 
+    def counted_open(source, *args, **kwargs):
+        opened.append(source)
+        return real_open(source, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", counted_read)
     monkeypatch.setattr(Image, "open", counted_open)
     load(root)
-    assert len(opened) == len(set(opened)) == 20 + 4 + 3
+    images = [path for path in read if path.suffix in (".png", ".jpg")]
+    assert len(images) == len(set(images)) == 20 + 4 + 3
+    assert not any(isinstance(source, (str, Path)) for source in opened)  # PIL decodes the bytes already read
 
 
 def test_a_corrupt_file_decoded_by_the_pool_is_a_data_error_naming_it(tmp_path):

@@ -117,6 +117,9 @@ class DataSection(_Section):
     """imagefolder: skip unreadable images, listing them on stderr (false: refuse, naming the file)."""
     cache_dir: str | None = None
     """imagefolder: the decode cache every stage and rank maps (null: $XDG_CACHE_HOME/ptft or ~/.cache/ptft)."""
+    decoder: Literal["auto", "pil", "simplejpeg"] = "auto"
+    """imagefolder: how JPEGs are decoded, the same pixels either way: simplejpeg (faster; pip install
+    'ptft[jpeg]'), pil, or auto (simplejpeg where installed)."""
     normalize: Annotated[str | dict[str, list[float]], AfterValidator(_normalize)] = "none"
     """(x - mean) / std per channel after augmentation: none, dataset, imagenet or {mean: [..], std: [..]}."""
     placement: Literal["auto", "device", "host"] = "auto"

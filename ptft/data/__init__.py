@@ -2,7 +2,7 @@
 
 A builder is `fn(root: Path, download: bool) -> DatasetTensors` (CPU tensors); one registered
 with `image_size=True` decodes image files and also takes data.image_size, data.resize,
-data.skip_bad_files and data.cache_dir as keywords. Builders
+data.skip_bad_files, data.cache_dir and data.decoder as keywords. Builders
 import torch, torchvision and scikit-learn inside their body, and `build_data` is imported
 on first use, so listing datasets never imports torch.
 """
@@ -98,11 +98,11 @@ def stl10(root: Path, download: bool) -> DatasetTensors:
 @DATASETS.register(description="your own images: ROOT/train/<class>/*, optional test/<class>/* and unlabelled/*",
                    image_size=True)
 def imagefolder(root: Path, download: bool, image_size: int | None = None, resize: str = "crop",
-                skip_bad_files: bool = False, cache_dir: str | None = None) -> DatasetTensors:
+                skip_bad_files: bool = False, cache_dir: str | None = None, decoder: str = "auto") -> DatasetTensors:
     from ptft.data import sources
 
     if download:
         raise DataError(f"data.download: imagefolder reads your own files in '{root}' and cannot download them; "
                         "set data.download=false")
     return sources.load_imagefolder(root, image_size, resize=resize, skip_bad_files=skip_bad_files,
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, decoder=decoder)

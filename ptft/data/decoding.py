@@ -39,6 +39,7 @@ class DecodeOptions:
     image_size: int | None = None  # fit every image to this size squared; None: they must share one
     resize: str = "crop"  # how: images.RESIZE_RULES
     skip_bad_files: bool = False  # skip (and list) unreadable files instead of refusing the folder
+    decoder: str = "auto"  # images.DECODERS: how JPEGs are decoded (the same pixels either way)
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -75,7 +76,8 @@ class Decoded:
         return self.fill(np.empty(self.shape, dtype=np.uint8))
 
 
-def decode_chunk(paths: list[str], size: tuple[int, int] | None, resize: str) -> list[np.ndarray | str]:
+def decode_chunk(paths: list[str], size: tuple[int, int] | None, resize: str,
+                 decoder: str = "auto") -> list[np.ndarray | str]:
     """Decode files (in a worker process): (C, H, W) uint8 pixels in each file's own colour, or why
     the file could not be read."""
     from PIL import Image, UnidentifiedImageError
@@ -83,7 +85,7 @@ def decode_chunk(paths: list[str], size: tuple[int, int] | None, resize: str) ->
     out: list[np.ndarray | str] = []
     for path in paths:
         try:
-            out.append(images.read_image(Path(path), None, size, resize).transpose(2, 0, 1))
+            out.append(images.read_image(Path(path), None, size, resize, decoder=decoder).transpose(2, 0, 1))
         except DataError as exc:
             out.append(str(exc))
         # PIL refuses images of over 2 * Image.MAX_IMAGE_PIXELS pixels as decompression bombs.
@@ -92,13 +94,13 @@ def decode_chunk(paths: list[str], size: tuple[int, int] | None, resize: str) ->
     return out
 
 
-def decode_chunk_to_file(paths: list[str], size: tuple[int, int] | None, resize: str,
+def decode_chunk_to_file(paths: list[str], size: tuple[int, int] | None, resize: str, decoder: str,
                          scratch: str) -> tuple[str | None, list[tuple | str]]:
     """`decode_chunk` in a worker, its pixels written to one file in `scratch` instead of sent back
     through a pipe (pickled, they would be copied four times): (the file, or None when no file was
     readable; for each path the shape (C, H, W) of its pixels in the file, in order, or why it could
     not be read)."""
-    results = decode_chunk(paths, size, resize)
+    results = decode_chunk(paths, size, resize, decoder)
     pixels = [result for result in results if not isinstance(result, str)]
     if not pixels:
         return None, results
@@ -183,13 +185,13 @@ def _decoded_chunks(chunks: list[list[str]], options: DecodeOptions, workers: in
     timing) says so."""
     if workers is None and chunks:
         started = time.perf_counter()
-        yield decode_chunk(chunks[0], options.size, options.resize)
+        yield decode_chunk(chunks[0], options.size, options.resize, options.decoder)
         remaining = (time.perf_counter() - started) * (len(chunks) - 1)
         cores = min(_cores(), len(chunks) - 1)
         workers = cores if cores > 1 and remaining > POOL_STARTUP_SECONDS else 0
         chunks = chunks[1:]
     if not workers:
-        yield from (decode_chunk(chunk, options.size, options.resize) for chunk in chunks)
+        yield from (decode_chunk(chunk, options.size, options.resize, options.decoder) for chunk in chunks)
         return
     # spawn, not fork: a forked child could inherit torch's or rich's threads mid-lock.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -198,7 +200,7 @@ def _decoded_chunks(chunks: list[list[str]], options: DecodeOptions, workers: in
         # map submits every chunk at once: the results are all kept anyway, and in order.
         n = len(chunks)
         for file, results in pool.map(decode_chunk_to_file, chunks, [options.size] * n, [options.resize] * n,
-                                      [folder.name] * n):
+                                      [options.decoder] * n, [folder.name] * n):
             yield _read_chunk_file(file, results)
     finally:
         # A refused file stops the decode: the chunks not started yet are dropped.

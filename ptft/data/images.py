@@ -21,11 +21,21 @@ Values outside the range (or not finite) are a DataError naming the file and its
 saturated pixels; so is a mode with no meaning here (e.g. "LAB").
 
 Sizes: after the 8-bit conversion, an image is fitted to the size asked for by `fit` (crop the
-centre, or stretch), bilinearly.
+centre, or stretch), bilinearly. A JPEG larger than that is first decoded at the smallest DCT
+scale (1/2, 1/4 or 1/8, PIL's `draft` rule) that still covers the size: a 4000 x 3000 photo bound
+for 224 px decodes at 500 x 375, several times faster, and is then fitted the same way.
+
+JPEGs are decoded by simplejpeg when it is installed (`pip install 'ptft[jpeg]'`, data.decoder):
+the same libjpeg-turbo, DCT method and chroma upsampling as PIL's, so bitwise the same pixels,
+without PIL's per-image overhead. CMYK JPEGs, decompression bombs and anything simplejpeg
+refuses go to PIL, which decodes or names the problem as before.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import io
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +52,15 @@ TIFF_MIN_SAMPLE_VALUE, TIFF_MAX_SAMPLE_VALUE = 280, 281  # TIFF tags: the range 
 SIXTEEN_BIT_MAX = 65535
 # How an image is fitted to data.image_size: see `fit`.
 RESIZE_RULES = ("crop", "stretch")
-# Bumped whenever a rule here changes what a file decodes to: decode caches keyed by it go stale.
-RULES_VERSION = 1
+# Bumped whenever a rule here changes what a file decodes to: decode caches keyed by it go stale,
+# and checkpoints record it (meta.json inputs.pixel_rules) so predict decodes files as training did.
+# 2: JPEGs decoded at a DCT scale before fitting.
+RULES_VERSION = 2
+DCT_SCALING_SINCE = 2  # the first RULES_VERSION that decodes JPEGs at a DCT scale
+DECODERS = ("auto", "pil", "simplejpeg")  # data.decoder; auto: simplejpeg for JPEGs where installed
+JPEG_EXTRA = "pip install 'ptft[jpeg]'"
+JPEG_MAGIC = b"\xff\xd8\xff"
+SIMPLEJPEG_COLOURS = {"Gray": "GRAY", "YCbCr": "RGB"}  # JPEG colour space -> what simplejpeg decodes it to
 
 
 def channels_of(path: Path, mode: str) -> int:
@@ -60,19 +77,27 @@ def channels_of(path: Path, mode: str) -> int:
                     f"pixels (it reads modes {', '.join(GREY_MODES + COLOUR_MODES)}); save it as RGB")
 
 
+@functools.cache
+def simplejpeg_installed() -> bool:
+    return importlib.util.find_spec("simplejpeg") is not None
+
+
 def read_image(path: Path, channels: int | None, size: tuple[int, int] | None,
-               resize: str = "stretch") -> np.ndarray:
-    """One image file as uint8 pixels (H, W, channels), opened once, fitted to `size` (W, H) by `resize`.
+               resize: str = "stretch", *, decoder: str = "auto", rules_version: int = RULES_VERSION) -> np.ndarray:
+    """One image file as uint8 pixels (H, W, channels), read once, fitted to `size` (W, H) by `resize`.
 
     Grey images are replicated into RGB; colour ones become grey by PIL's luma (convert("L")).
     `channels` None keeps the image's own (1 for a grey mode, 3 for a colour one); `size` None
-    keeps its size. `resize` is one of RESIZE_RULES (see `fit`).
+    keeps its size. `resize` is one of RESIZE_RULES (see `fit`). `decoder` is one of DECODERS;
+    `rules_version` the RULES_VERSION to decode by (a checkpoint's, for predict): before
+    DCT_SCALING_SINCE a JPEG is decoded at full size.
 
     Raises:
         DataError: an unknown mode, or values outside the image's range (the message names the file).
         OSError: a file PIL cannot decode.
     """
-    with Image.open(path) as image:
+    scaled_to = size if rules_version >= DCT_SCALING_SINCE else None
+    with _opened(path, scaled_to, decoder) as image:
         own_channels = channels_of(path, image.mode)
         pixels, wanted = _eight_bit(image, path), "L" if (channels or own_channels) == 1 else "RGB"
         if pixels.mode != wanted:  # _eight_bit's image is already a copy: converting to its own mode copies again
@@ -81,6 +106,45 @@ def read_image(path: Path, channels: int | None, size: tuple[int, int] | None,
     pixels = fit(pixels, size, resize)
     width, height = pixels.size
     return np.asarray(pixels).reshape(height, width, len(pixels.getbands()))
+
+
+def _opened(path: Path, scaled_to: tuple[int, int] | None, decoder: str) -> Image.Image:
+    """The file as a PIL image: a JPEG decoded by simplejpeg where it can, else opened (lazily) by PIL;
+    a JPEG at the smallest DCT scale still covering `scaled_to` (W, H) when it is given."""
+    data = Path(path).read_bytes()
+    if decoder != "pil" and data[:3] == JPEG_MAGIC and simplejpeg_installed():
+        pixels = _simplejpeg_pixels(data, scaled_to)
+        if pixels is not None:
+            return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+    image = Image.open(io.BytesIO(data))
+    if scaled_to is not None and image.format == "JPEG":
+        image.draft(None, scaled_to)
+    return image
+
+
+def dct_scale(width: int, height: int, size: tuple[int, int] | None) -> int:
+    """PIL draft's DCT scale for a `width` x `height` JPEG bound for `size` (W, H): the largest of 8, 4, 2
+    and 1 that leaves it at least `size` in both sides (1 without a size)."""
+    if size is None:
+        return 1
+    fits = min(width // size[0], height // size[1])
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
+
+
+def _simplejpeg_pixels(data: bytes, scaled_to: tuple[int, int] | None) -> np.ndarray | None:
+    """(H, W, 1 or 3) uint8 of a grey or YCbCr JPEG at PIL draft's scale, or None for PIL to decode it."""
+    import simplejpeg
+
+    try:
+        height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        if colour not in SIMPLEJPEG_COLOURS or width * height > Image.MAX_IMAGE_PIXELS:
+            return None  # CMYK / YCCK, or a size PIL warns about or refuses: its rules apply
+        scale = dct_scale(width, height, scaled_to)
+        # libjpeg's scaled size is ceil(side / scale): asking for exactly that picks PIL's scale.
+        return simplejpeg.decode_jpeg(data, SIMPLEJPEG_COLOURS[colour], min_height=-(-height // scale),
+                                      min_width=-(-width // scale))
+    except ValueError:  # a file simplejpeg refuses (damaged, unusual): PIL decodes it or names the problem
+        return None
 
 
 def fit(pixels: Image.Image, size: tuple[int, int] | None, resize: str) -> Image.Image:

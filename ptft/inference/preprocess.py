@@ -17,6 +17,7 @@ import torch
 from ptft.config import Config
 from ptft.data import DATASETS, build_data
 from ptft.data.batches import to_float
+from ptft.data.images import DCT_SCALING_SINCE
 from ptft.data.normalize import recorded_normalization
 from ptft.errors import DataError
 from ptft.meta import CheckpointMeta
@@ -29,6 +30,8 @@ RESIZE_RULES = {
 }
 GREY_FROM_RGB = "ITU-R 601-2 luma as PIL convert('L'): L = (19595 R + 38470 G + 7471 B + 32768) >> 16"
 PIXEL_RULES = "16-bit, float and alpha images as ptft.data.images reads them (alpha over black)"
+JPEG_RULES = {False: "decoded at full size, then resized",
+              True: "decoded at the smallest DCT scale (1/2, 1/4, 1/8; PIL draft) covering height x width, then resized"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Preprocessing:
     # What the library weights the run started from expected (meta.json parent.expects): for the record;
     # the model was trained, and is fed, with `normalization`.
     pretrained: dict | None = None
+    # The ptft.data.images.RULES_VERSION training images were decoded by (meta.json inputs.pixel_rules;
+    # 1 before it was recorded): files are decoded by the same rules.
+    pixel_rules: int = 1
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -66,6 +72,7 @@ class Preprocessing:
             "color": "grey" if self.channels == 1 else "rgb",
             "grey_from_rgb": GREY_FROM_RGB if self.channels == 1 else None,
             "resize": RESIZE_RULES[self.resize], "resize_rule": self.resize, "pixels": PIXEL_RULES,
+            "jpeg": JPEG_RULES[self.pixel_rules >= DCT_SCALING_SINCE],
             "scale": f"round(pixel / 255 * {levels}) / {levels}" if levels else "pixel / 255",
             # Nothing to subtract or divide outside: data.normalize's numbers travel inside the model.
             "mean": [0.0] * self.channels, "std": [1.0] * self.channels,
@@ -95,4 +102,4 @@ def preprocessing_of(cfg: Config, meta: CheckpointMeta) -> Preprocessing:
     # cfg is the checkpoint's config as trained: one written before data.resize existed reads as stretch.
     return Preprocessing(channels, height, width, tuple(class_names), cfg.data.resize,
                          DATASETS.meta(cfg.data.name).get("pixel_levels"), recorded_normalization(meta),
-                         (meta.parent or {}).get("expects"))
+                         (meta.parent or {}).get("expects"), (meta.inputs or {}).get("pixel_rules", 1))

@@ -51,13 +51,13 @@ def file_batches(items: list[Item], prep: Preprocessing, batch_size: int, worker
     """
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     paths = [[item.path for item in chunk] for chunk in chunks]
-    decoded = _decoded_in_order(paths, (prep.input_shape, prep.resize), workers)
+    decoded = _decoded_in_order(paths, (prep.input_shape, prep.resize, prep.pixel_rules), workers)
     for chunk, (images, errors) in zip(chunks, decoded):
         yield Batch(chunk, torch.from_numpy(images), errors)
 
 
 def _decoded_in_order(chunks: list[list[str]], rule: tuple, workers: int | None) -> Iterator[tuple]:
-    # rule: (shape (C, H, W), resize), the arguments after the paths of every decode_chunk call
+    # rule: (shape (C, H, W), resize, pixel rules), the arguments after the paths of every decode_chunk call
     if workers is None and chunks:
         started = time.perf_counter()
         yield decode_chunk(chunks[0], *rule)

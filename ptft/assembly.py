@@ -21,6 +21,7 @@ from ptft.data.batches import Batches, DeviceBatches, iterate_eval
 from ptft.data.mixed import MixedBatches
 from ptft.data.normalize import attach_normalization
 from ptft.data.placement import place_splits
+from ptft.data.resize import attach_input_size
 from ptft.data.tensors import DataBundle, TensorSplit
 from ptft.ema import build_ema
 from ptft.engine import BestTracker, LoopSettings, TrainParts, TrainStep
@@ -52,6 +53,7 @@ def build_model_for(cfg: Config, data: DataBundle) -> torch.nn.Module:
     """The config's model for the data's input shape and classes, on the CPU, its inputs normalised
     as data.normalize says (ptft.data.normalize)."""
     model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.objective.name)
+    model = attach_input_size(model, data.input_shape[1:] if data.stored_size else None)
     return attach_normalization(model, data.normalization)
 
 
@@ -69,6 +71,7 @@ def build_run(cfg: Config, device: torch.device, *, stage: str) -> Run:
     if cfg.train.grad_checkpointing:  # activations recomputed in the backward pass: less memory, more compute
         enable_grad_checkpointing(model, cfg.model.name)
     objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
+    check_decode_size(cfg, data, objective)
     if plan is not None:  # finetune.unlabelled: none keeps the supervised objective as it is
         objective = semi_supervised(objective, cfg.finetune, tuple(data.input_shape))
     check_sampler(cfg, objective)
@@ -90,6 +93,20 @@ def stage_reads(cfg: Config, plan: FinetunePlan | None, objective: torch.nn.Modu
     if plan is not None and cfg.finetune.unlabelled != "none":
         reads.append("unlabelled")  # semi-supervised finetuning's unlabelled batches
     return reads
+
+
+def check_decode_size(cfg: Config, data: DataBundle, objective: torch.nn.Module) -> None:
+    """Refuse data.decode_size for an objective whose loss compares the model's output with its input: the
+    stored images are not the size the model reconstructs.
+
+    Raises:
+        UserError: naming data.decode_size and the objective.
+    """
+    if data.stored_size is not None and getattr(objective, "reconstructs_inputs", False):
+        raise UserError(f"data.decode_size: objective {cfg.objective.name!r} reconstructs its inputs at "
+                        f"data.image_size {cfg.data.image_size}, so it cannot train on images kept at "
+                        f"{cfg.data.decode_size}; remove data.decode_size (crops from larger images are for "
+                        "supervised, contrastive and vicreg)")
 
 
 def check_sampler(cfg: Config, objective: torch.nn.Module) -> None:

@@ -87,7 +87,8 @@ def run_meta(cfg: Config, stage: str, data, parent: dict | None) -> CheckpointMe
                "kind": model_kind(cfg.model.name, cfg.objective.name)},  # "autoencoder": a backbone + ptft's decoder
         objective=cfg.objective.name, data=data.fingerprint,
         inputs={"shape": list(data.input_shape), "class_names": list(data.class_names),
-                "normalize": data.normalization, "pixel_rules": RULES_VERSION},
+                "normalize": data.normalization, "pixel_rules": RULES_VERSION,
+                "decoded_size": list(data.stored_size) if data.stored_size else None},
         versions={"ptft": ptft.__version__, "torch": torch.__version__, "python": platform.python_version()},
         parent=parent, lineage=list(parent["lineage"]) if parent else [],
         ema={"decay": cfg.train.ema_decay} if cfg.train.ema_decay is not None else None,

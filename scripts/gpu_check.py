@@ -10,8 +10,12 @@ CLI in a fresh process (`python -m ptft ...`) and records its exit code, wall ti
                train.compile: wall time, steps/s and final val/loss
   resume       N steps unbroken vs N/2 + --resume N/2 on the device (train.deterministic): bitwise?
   deterministic  train.deterministic=true twice: bitwise equal weights on the device too
+  placement    data.placement host (pinned batches copied on a side stream, the next one prefetched)
+               against device: bitwise equal weights (train.deterministic), and both runs' wall time
   evaluate     evaluate's peak device memory, read in-process (torch.cuda.max_memory_allocated)
   torchrun     a one-process torchrun smoke of pretrain (NCCL when more than one GPU is visible)
+  data_epoch   scripts/bench_data.py on Fashion-MNIST written out as 70,000 PNGs: decode rates, and
+               one epoch through ptft against ImageFolder + DataLoader(num_workers=2) on the device
 
 Writes `--out DIR/<date>.json` (default results/gpu/) and prints a short table on stderr.
 """
@@ -123,6 +127,35 @@ def check_deterministic(ctx: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def check_placement(ctx: argparse.Namespace, work: Path) -> dict:
+    """data.placement host vs device, deterministic: the same batches reach the model, so the same weights."""
+    config, *model = (DRY_RUN_MODELS if ctx.dry_run else TRAIN_MODELS)["conv_ae"]
+    runs = {placement: ptft(["pretrain", str(REPO / config), *model, *ctx.common, "train.deterministic=true",
+                             f"data.placement={placement}", f"run.dir={work / f'placement-{placement}'}",
+                             "--overwrite"], work) for placement in ("device", "host")}
+    result = {"check": "placement", "rc": max(r["rc"] for r in runs.values()),
+              "seconds": round(sum(r["seconds"] for r in runs.values()), 2),
+              "device_s": runs["device"]["seconds"], "host_s": runs["host"]["seconds"],
+              "stderr_tail": next((r["stderr_tail"] for r in runs.values() if r["rc"]), "")}
+    if result["rc"] == 0:
+        result.update(compare_weights(Path(runs["device"]["last"]), Path(runs["host"]["last"])))
+    return result
+
+
+def check_data_epoch(ctx: argparse.Namespace, work: Path) -> dict:
+    """scripts/bench_data.py's Fashion-MNIST folder: decode, cache and an epoch against torchvision's loader."""
+    out = work / "bench_data.json"
+    # The dry run: a few hundred synthetic JPEGs, no epoch (it needs the Fashion-MNIST files).
+    args = ["--rgb-images", "60", "--skip-fashion", "--memory-steps", "0"] if ctx.dry_run else         ["--data-root", str(Path(ctx.data_root)), "--rgb-images", "0", "--memory-steps", "0", "--channels", "32,64"]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_data.py"), *args, "--device", ctx.device,
+                           "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = {"check": "data_epoch", "rc": proc.returncode,
+              "stderr_tail": proc.stderr[-600:] if proc.returncode else ""}
+    if proc.returncode == 0:
+        result["figures"] = json.loads(out.read_text())
+    return result
+
+
 def compare_weights(a_dir: Path, b_dir: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -189,7 +222,9 @@ def main(argv=None) -> int:
     # every check so what ran is kept.
     checks = [lambda work: check_bench(ctx, work), *train_checks(ctx, compiled=False),
               lambda work: check_resume(ctx, work), lambda work: check_deterministic(ctx, work),
+              lambda work: check_placement(ctx, work),
               lambda work: check_evaluate_memory(ctx, work), lambda work: check_torchrun(ctx, work),
+              lambda work: check_data_epoch(ctx, work),
               *([] if ctx.dry_run else train_checks(ctx, compiled=True))]
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dry_run": ctx.dry_run,
               "python": platform.python_version(), "device": device_name(ctx.device), "checks": []}
@@ -230,7 +265,8 @@ def print_table(rows: list[dict]) -> None:
         if "compile" in row:
             label += " compile" if row["compile"] else " eager"
         figures = {k: v for k, v in row.items()
-                   if k in ("seconds", "steps_per_s", "val_loss", "max_abs_diff", "bitwise_equal", "peak_device_mib")}
+                   if k in ("seconds", "steps_per_s", "val_loss", "max_abs_diff", "bitwise_equal", "peak_device_mib",
+                            "device_s", "host_s")}
         status = "ok" if row["rc"] == 0 else f"FAILED rc={row['rc']} {row.get('stderr_tail') or row.get('error', '')}"
         print(f"{label:<34} {status:<6} {json.dumps(figures)}", file=sys.stderr)
 

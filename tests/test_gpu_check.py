@@ -19,11 +19,15 @@ def test_gpu_check_dry_run_runs_every_check_and_writes_its_figures(tmp_path):
     report = json.loads(open(report_path).read())
     assert report["dry_run"] is True and report["device"].startswith("cpu")
     checks = [row["check"] for row in report["checks"]]
-    assert checks == ["bench", "train", "train", "resume", "deterministic", "evaluate", "torchrun"]
+    assert checks == ["bench", "train", "train", "resume", "deterministic", "placement", "evaluate", "torchrun",
+                      "data_epoch"]
     assert all(row["rc"] == 0 for row in report["checks"])
     resume = next(row for row in report["checks"] if row["check"] == "resume")
     assert resume["bitwise_equal"] is True  # on the CPU a resumed run is bitwise equal to an unbroken one
     assert next(row for row in report["checks"] if row["check"] == "deterministic")["bitwise_equal"] is True
+    assert next(row for row in report["checks"] if row["check"] == "placement")["bitwise_equal"] is True
+    data = next(row for row in report["checks"] if row["check"] == "data_epoch")["figures"]
+    assert data["folders"]["rgb"]["decode"]["files"] == 60
     bench = report["checks"][0]["figures"]
     assert bench  # the benchmark's own JSON, carried into the report
     assert "train conv_ae bf16 eager" in proc.stderr  # the people's table

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from conftest import tiny_pretrain_config, write_yaml
 from ptft.config import config_from_dict, config_hash
+from ptft.data.images import RULES_VERSION
 from ptft.meta import CheckpointMeta, meta_json_bytes, run_meta
 
 # The keys every checkpoint's meta.json has held since format 1 (README, docs): readers rely on them.
@@ -68,7 +69,7 @@ def test_an_older_checkpoint_without_recorded_inputs_still_inspects_and_evaluate
 def test_run_meta_fixes_the_run_facts_and_at_adds_where_a_checkpoint_stands(tmp_path):
     cfg = config_from_dict(tiny_pretrain_config(tmp_path / "run"), "c.yaml")
     data = SimpleNamespace(fingerprint={"dataset": "digits"}, input_shape=(1, 8, 8), class_names=["0", "1"],
-                           normalization=None)
+                           normalization=None, stored_size=None)
     base = run_meta(cfg, "pretrain", data, parent=None)
     meta = base.at(step=20, epoch=2.123456, metrics={"val/loss": 0.5},
                    best={"monitor": "val/loss", "value": 0.5, "step": 20})
@@ -76,14 +77,16 @@ def test_run_meta_fixes_the_run_facts_and_at_adds_where_a_checkpoint_stands(tmp_
     assert set(written) == META_KEYS
     assert written["config_hash"] == config_hash(cfg) and written["config"] == cfg.model_dump(mode="json")
     assert written["model"] == {"name": "tiny_mlp_autoencoder", "options": cfg.model.options, "kind": "autoencoder"}
-    assert written["inputs"] == {"shape": [1, 8, 8], "class_names": ["0", "1"], "normalize": None}
+    assert written["inputs"] == {"shape": [1, 8, 8], "class_names": ["0", "1"], "normalize": None,
+                                 "pixel_rules": RULES_VERSION, "decoded_size": None}
     assert (written["step"], written["epoch"], written["parent"], written["lineage"]) == (20, 2.1235, None, [])
     assert base.step is None and base.metrics == {}  # `at` returns a copy
 
 
 def test_a_resumed_run_keeps_the_parent_and_lineage_it_started_with(tmp_path):
     cfg = config_from_dict(tiny_pretrain_config(tmp_path / "run"), "c.yaml")
-    data = SimpleNamespace(fingerprint={}, input_shape=(1, 8, 8), class_names=[], normalization=None)
+    data = SimpleNamespace(fingerprint={}, input_shape=(1, 8, 8), class_names=[], normalization=None,
+                           stored_size=None)
     parent = {"path": "/runs/pre/checkpoints/step-00000030", "hash": "c9be6f77", "lineage": LINEAGE}
     saved = run_meta(cfg, "finetune", data, parent)
     resumed = run_meta(cfg, "finetune", data, parent=None).with_lineage_of(saved)

@@ -113,6 +113,9 @@ class DataSection(_Section):
     """imagefolder: resize every image to this size squared (null: they must all share one size)."""
     resize: Literal["crop", "stretch"] = "crop"
     """imagefolder with image_size: crop (shorter side to size, centre kept) or stretch (aspect ignored)."""
+    decode_size: int | None = Field(None, ge=1)
+    """imagefolder with image_size: decode and keep images at this larger size squared, so training crops come
+    from more pixels; every other batch is the whole image resized to image_size (null: image_size)."""
     skip_bad_files: bool = False
     """imagefolder: skip unreadable images, listing them on stderr (false: refuse, naming the file)."""
     cache_dir: str | None = None

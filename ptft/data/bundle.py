@@ -57,7 +57,8 @@ def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = S
         val=_examples(tensors, val_idx, device),
         test=TensorSplit(host_rows([tensors.test_array], tensors.test_rows, device), tensors.test_y),
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
-        input_shape=tuple(tensors.train_array.shape[1:]),
+        input_shape=_input_shape(tensors, data_cfg),
+        stored_size=_stored_size(tensors, data_cfg),
         fingerprint=data_fingerprint(data_cfg, _train_content_sha256(tensors), val_idx, labelled_idx),
         normalization=normalization,
     )
@@ -93,8 +94,23 @@ def _image_options(name: str, data_cfg) -> dict:
     config validation refuses image_size for the rest)."""
     if not DATASETS.meta(name).get("image_size"):
         return {}
-    return {"image_size": data_cfg.image_size, "resize": data_cfg.resize, "skip_bad_files": data_cfg.skip_bad_files,
+    return {"image_size": data_cfg.decode_size or data_cfg.image_size, "resize": data_cfg.resize,
+            "skip_bad_files": data_cfg.skip_bad_files,
             "cache_dir": data_cfg.cache_dir, "decoder": data_cfg.decoder}
+
+
+def _input_shape(tensors: DatasetTensors, data_cfg) -> tuple[int, int, int]:
+    """(C, H, W) the model takes: the stored images', or data.image_size squared below a data.decode_size."""
+    channels, height, width = tensors.train_array.shape[1:]
+    if data_cfg.decode_size is not None and data_cfg.decode_size != data_cfg.image_size:
+        return channels, data_cfg.image_size, data_cfg.image_size
+    return channels, height, width
+
+
+def _stored_size(tensors: DatasetTensors, data_cfg) -> tuple[int, int] | None:
+    """(H, W) of the stored images when they are larger than the model's input (data.decode_size), else None."""
+    size = tuple(tensors.train_array.shape[2:])
+    return size if size != _input_shape(tensors, data_cfg)[1:] else None
 
 
 def _train_content_sha256(tensors: DatasetTensors) -> str:

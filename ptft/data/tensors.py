@@ -79,3 +79,6 @@ class DataBundle:
     fingerprint: dict  # see ptft.data.fingerprint: dataset identity, split settings, index-set hashes
     # data.normalize's numbers, {"mean": [C], "std": [C]} for pixels in [0, 1], or None (ptft.data.normalize)
     normalization: dict | None = None
+    # (H, W) of the splits' images when they are kept larger than input_shape (data.decode_size), else None:
+    # the model fits its inputs to input_shape itself (ptft.data.resize)
+    stored_size: tuple[int, int] | None = None

@@ -52,10 +52,19 @@ class Preprocessing:
     # The ptft.data.images.RULES_VERSION training images were decoded by (meta.json inputs.pixel_rules;
     # 1 before it was recorded): files are decoded by the same rules.
     pixel_rules: int = 1
+    # (H, W) training images were decoded at when larger than the model's input (data.decode_size;
+    # meta.json inputs.decoded_size): files are decoded at it, and the model fits them to its input
+    # as it fitted every evaluation batch (ptft.data.resize).
+    decoded_size: tuple[int, int] | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.channels, self.height, self.width
+
+    @property
+    def decode_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) a file is decoded to: the model's input, or the larger size training kept images at."""
+        return (self.channels, *self.decoded_size) if self.decoded_size else self.input_shape
 
     def to_model_input(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) uint8 pixels, or a dataset's own float images, -> float32 in [0, 1]."""
@@ -73,6 +82,7 @@ class Preprocessing:
             "grey_from_rgb": GREY_FROM_RGB if self.channels == 1 else None,
             "resize": RESIZE_RULES[self.resize], "resize_rule": self.resize, "pixels": PIXEL_RULES,
             "jpeg": JPEG_RULES[self.pixel_rules >= DCT_SCALING_SINCE],
+            "decoded_size": list(self.decoded_size) if self.decoded_size else None,
             "scale": f"round(pixel / 255 * {levels}) / {levels}" if levels else "pixel / 255",
             # Nothing to subtract or divide outside: data.normalize's numbers travel inside the model.
             "mean": [0.0] * self.channels, "std": [1.0] * self.channels,
@@ -102,4 +112,10 @@ def preprocessing_of(cfg: Config, meta: CheckpointMeta) -> Preprocessing:
     # cfg is the checkpoint's config as trained: one written before data.resize existed reads as stretch.
     return Preprocessing(channels, height, width, tuple(class_names), cfg.data.resize,
                          DATASETS.meta(cfg.data.name).get("pixel_levels"), recorded_normalization(meta),
-                         (meta.parent or {}).get("expects"), (meta.inputs or {}).get("pixel_rules", 1))
+                         (meta.parent or {}).get("expects"), (meta.inputs or {}).get("pixel_rules", 1),
+                         _decoded_size(meta))
+
+
+def _decoded_size(meta: CheckpointMeta) -> tuple[int, int] | None:
+    size = (meta.inputs or {}).get("decoded_size")
+    return tuple(size) if size else None

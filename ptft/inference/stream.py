@@ -51,7 +51,7 @@ def file_batches(items: list[Item], prep: Preprocessing, batch_size: int, worker
     """
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     paths = [[item.path for item in chunk] for chunk in chunks]
-    decoded = _decoded_in_order(paths, (prep.input_shape, prep.resize, prep.pixel_rules), workers)
+    decoded = _decoded_in_order(paths, (prep.decode_shape, prep.resize, prep.pixel_rules), workers)
     for chunk, (images, errors) in zip(chunks, decoded):
         yield Batch(chunk, torch.from_numpy(images), errors)
 

@@ -10,6 +10,7 @@ import torch
 from ptft import checkpoint as ckpt
 from ptft.config import Config
 from ptft.data.normalize import attach_normalization
+from ptft.data.resize import attach_input_size
 from ptft.errors import CheckpointError, UserError
 from ptft.evaluation import resolve_target
 from ptft.inference.preprocess import Preprocessing, preprocessing_of
@@ -52,8 +53,10 @@ def load_target(target: str, command: str, device: str | None = None) -> Target:
         raise UserError(f"{command}: {str(exc).removeprefix('evaluate: ')}") from None
     meta = ckpt.load_meta(checkpoint)
     prep = preprocessing_of(cfg, meta)
-    # data.normalize's numbers as the model was trained with them (meta.json), whatever the config says now.
-    model = attach_normalization(build_model(cfg.model, prep.input_shape, len(prep.class_names), cfg.objective.name), prep.normalization)
+    model = build_model(cfg.model, prep.input_shape, len(prep.class_names), cfg.objective.name)
+    # Fitted and normalised as the model was trained (meta.json), whatever the config says now.
+    model = attach_normalization(attach_input_size(model, prep.input_shape[1:] if prep.decoded_size else None),
+                                 prep.normalization)
     weights, _ = ckpt.unpack_weights(ckpt.load_weights(checkpoint))  # the objective's (a projector) not needed
     try:
         model.load_state_dict(weights)

@@ -207,7 +207,8 @@ def _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise
     _require(0 <= cutout <= side, "cutout", f"a square side in [0, {side}] pixels for {input_shape} inputs", cutout)
     # Flip is opt-in everywhere: a mirrored digit is often another digit or none.
     return Augment(crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), max_rotation=max_rotation,
-                   max_shift=max_shift, flip_p=0.5 if flip else 0.0, cutout=cutout, noise_std=noise_std)
+                   max_shift=max_shift, flip_p=0.5 if flip else 0.0, cutout=cutout, noise_std=noise_std,
+                   output_size=tuple(input_shape[1:]))
 
 
 @OBJECTIVES.register(model_kinds=("classifier",))

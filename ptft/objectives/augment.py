@@ -4,7 +4,8 @@ Every function maps a (N, C, H, W) float batch to a new batch of the same shape,
 device, drawing all its randomness from the `generator` it is given (a `torch.Generator` on
 the batch's device), so a step's augmentations are a function of the engine's step seed.
 Geometric transforms are per-sample affine matrices: `Augment` multiplies crop, rotation and
-translation into one (N, 2, 3) matrix and resamples each batch once.
+translation into one (N, 2, 3) matrix and resamples each batch once, straight to the model's
+input size (images decoded larger, data.decode_size, are cropped from all their pixels).
 
 Matrices map output coordinates to input coordinates in `affine_grid`'s normalised frame
 ([-1, 1] across each axis, align_corners=False, so the identity reproduces the input exactly).
@@ -12,11 +13,14 @@ Matrices map output coordinates to input coordinates in `affine_grid`'s normalis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ptft.data.resize import fit_batch
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -73,10 +77,12 @@ def translation_matrices(x: torch.Tensor, max_shift_fraction: float, generator: 
     return _homogeneous(ones, zeros, zeros, ones, shift_x, shift_y)
 
 
-def apply_affine(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """Resample (N, C, H, W) through (N, 3, 3) output->input matrices; outside pixels are 0."""
+def apply_affine(x: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resample (N, C, H, W) through (N, 3, 3) output->input matrices into (N, C, *size) (default: H, W);
+    outside pixels are 0."""
     theta = matrices[:, :2].to(x.dtype)  # (N, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, H, W, 2)
+    shape = list(x.shape[:2]) + list(size or x.shape[-2:])
+    grid = F.affine_grid(theta, shape, align_corners=False)  # (N, *size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -295,6 +301,9 @@ class Augment:
         grayscale_p: probability of turning an RGB image grey.
         blur_p: probability of a Gaussian blur, of `blur_kernel` pixels and std in `blur_sigma`.
         solarize_p: probability of inverting the values at or above `solarize_threshold`.
+        output_size: (H, W) of the views, the model's input size; None: the batch's own. A larger
+            batch (data.decode_size) is cropped from all its pixels in the one resampling, and
+            fitted by `ptft.data.resize.fit_batch` when no geometric op is on.
     """
 
     crop_scale: tuple[float, float] = (1.0, 1.0)
@@ -315,11 +324,17 @@ class Augment:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
+    output_size: tuple[int, int] | None = None
 
     @property
     def changes_images(self) -> bool:
-        """False when every strength is zero and a view is the batch itself."""
-        return self != Augment()
+        """False when every strength is zero and a view is the batch itself (fitted to the output size)."""
+        return dataclasses.replace(self, output_size=None) != Augment()
+
+    @property
+    def moves_pixels(self) -> bool:
+        """True when a crop, rotation or shift is on."""
+        return (self.crop_scale, self.crop_ratio, self.max_rotation, self.max_shift) != ((1.0, 1.0), (1.0, 1.0), 0, 0)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(N, C, H, W) -> an augmented (N, C, H, W) batch, computed in float32 even under autocast.
@@ -334,7 +349,10 @@ class Augment:
         matrices = (crop_matrices(x, self.crop_scale, self.crop_ratio, generator)
                     @ rotation_matrices(x, self.max_rotation, generator)
                     @ translation_matrices(x, self.max_shift, generator))
-        x = apply_affine(x, matrices)
+        if self.moves_pixels or self.output_size is None:
+            x = apply_affine(x, matrices, self.output_size)
+        else:  # identity matrices: the views are the images, fitted as every other batch is
+            x = fit_batch(x, self.output_size)
         if self.flip_p > 0:
             x = horizontal_flip(x, self.flip_p, generator)
         x = self._photometric(x, generator)

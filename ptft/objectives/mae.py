@@ -42,6 +42,7 @@ class MAE(nn.Module):
     """
 
     needs_labels = False
+    reconstructs_inputs = True  # its loss compares outputs with inputs (data.decode_size refuses it)
     uses_only_encoder = True
     # A fresh mask per call: where validation batches start decides which image gets which mask.
     eval_chunk_size = EVAL_CHUNK_SIZE

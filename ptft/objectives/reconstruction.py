@@ -19,6 +19,7 @@ class Reconstruction(nn.Module):
     """MSE between `model(x)` and x."""
 
     needs_labels = False
+    reconstructs_inputs = True  # its loss compares outputs with inputs (data.decode_size refuses it)
     eval_chunk_size = None  # no randomness, a per-example mean: any batching gives the same figure
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -43,6 +44,7 @@ class Denoising(nn.Module):
     """
 
     needs_labels = False
+    reconstructs_inputs = True  # its loss compares outputs with inputs (data.decode_size refuses it)
     # The noise an example gets depends on where its batch starts in the generator's stream.
     eval_chunk_size = EVAL_CHUNK_SIZE
 
@@ -87,6 +89,7 @@ class Masked(nn.Module):
     """
 
     needs_labels = False
+    reconstructs_inputs = True  # its loss compares outputs with inputs (data.decode_size refuses it)
     # Masks depend on where a batch starts in the generator's stream, and images cut at the
     # border hide unequal pixel counts, so the batch's mean over hidden values is no per-example mean.
     eval_chunk_size = EVAL_CHUNK_SIZE

@@ -43,9 +43,10 @@ def unlabelled_views(input_shape: tuple[int, int, int]) -> Views:
     channels, side = input_shape[0], min(input_shape[1:])
     flip_p = 0.5 if channels == 3 else 0.0
     colour = RGB_STRONG_COLOUR if channels == 3 else {}
-    weak = Augment(max_shift=0.125, flip_p=flip_p)
+    size = tuple(input_shape[1:])  # the model's: views of larger images (data.decode_size) are cropped to it
+    weak = Augment(max_shift=0.125, flip_p=flip_p, output_size=size)
     strong = Augment(crop_scale=(0.6, 1.0), crop_ratio=(3 / 4, 4 / 3), max_rotation=25.0, max_shift=0.15,
-                     flip_p=flip_p, cutout=max(1, side * 3 // 8), **colour)
+                     flip_p=flip_p, cutout=max(1, side * 3 // 8), output_size=size, **colour)
     return Views(weak, strong)
 
 

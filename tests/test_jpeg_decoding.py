@@ -127,3 +127,11 @@ def test_predict_decodes_jpegs_by_the_rules_its_checkpoint_was_trained_with(tmp_
         meta_file.write_text(json.dumps(written))
     # Such a checkpoint was trained on full-size decodes, so predict decodes the files that way: other pixels.
     assert predicted(root / "test") != current
+
+
+def test_the_config_offers_exactly_the_decoders_images_knows():
+    import typing
+
+    from ptft.config.schema import DataSection
+
+    assert typing.get_args(DataSection.model_fields["decoder"].annotation) == images.DECODERS

@@ -61,8 +61,8 @@ def cached_decode(files: list[str | Path], root: Path, options: DecodeOptions,
     """The pixels of `files` (as `decode_files` makes them) from the cache, decoding and caching them on a miss.
 
     Returns:
-        CachedFolder: the images memory-mapped copy-on-write when cached (and registered with
-        `ptft.data.residency`, which bounds how many of their pages stay resident).
+        CachedFolder: the images memory-mapped copy-on-write when cached, and registered with
+        `ptft.data.residency` so that batches read from them do not make the mapping resident.
 
     Raises:
         DataError: as `decode_files`; an unreadable file recorded in the cache also raises unless

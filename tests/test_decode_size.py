@@ -116,3 +116,10 @@ def test_contrastive_pretrain_finetune_evaluate_and_predict_from_larger_images(t
     assert len(files) == 12 and [(r["pred"], r["prob"]) for r in files] == [(r["pred"], r["prob"]) for r in split]
     accuracy = sum(r["pred"] == r["true"] for r in files) / len(files)
     assert accuracy == pytest.approx(json.loads(evaluated.stdout)["accuracy"])
+
+
+def test_decode_size_on_a_dataset_that_is_not_decoded_from_files_exits_2(tmp_path, ptft):
+    cfg = write_yaml(tmp_path / "d.yaml", tiny_finetune_config(tmp_path / "run", None))
+    result = ptft("config", cfg, "data.decode_size=16")
+    assert result.code == 2
+    assert "data.decode_size" in result.stderr and "digits images are not decoded from files" in result.stderr

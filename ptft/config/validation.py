@@ -89,17 +89,24 @@ def _refused_import(section: str, values: dict, registries: Registries, trust: I
 def _check_image_size(data: BaseModel, datasets: Registry, problems: list[Problem]) -> None:
     """data.image_size only for datasets that resize (registered with image_size=True); data.decode_size
     only beside it, and no smaller."""
-    if data.decode_size is not None and data.image_size is None:
+    resizes = datasets.meta(data.name).get("image_size")
+    if data.decode_size is not None and not resizes:
+        problems.append(Problem(("data.decode_size",), f"{data.name} images are not decoded from files; only "
+                                                       f"{_resizing(datasets)} keeps them larger (remove it)"))
+    elif data.decode_size is not None and data.image_size is None:
         problems.append(Problem(("data.decode_size",), "keeps images larger than data.image_size, which is not set; "
                                                        "set data.image_size (the model's input size) too"))
     elif data.decode_size is not None and data.decode_size < data.image_size:
         problems.append(Problem(("data.decode_size",), f"{data.decode_size} is smaller than data.image_size "
                                                        f"{data.image_size}; set it to at least {data.image_size}"))
-    if data.image_size is None or datasets.meta(data.name).get("image_size"):
+    if data.image_size is None or resizes:
         return
-    resizing = " and ".join(name for name in datasets.names() if datasets.meta(name).get("image_size"))
-    problems.append(Problem(("data.image_size",), f"only {resizing} resizes images; {data.name} images keep their "
-                                                  "size (remove data.image_size)"))
+    problems.append(Problem(("data.image_size",), f"only {_resizing(datasets)} resizes images; {data.name} images "
+                                                  "keep their size (remove data.image_size)"))
+
+
+def _resizing(datasets: Registry) -> str:
+    return " and ".join(name for name in datasets.names() if datasets.meta(name).get("image_size"))
 
 
 def _section_values(raw: dict, name: str, problems: list[Problem]) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from ptft.data import DATASETS, cache, decoding
+from ptft.data import DATASETS, cache, decoding, images
 from ptft.data.decoding import DecodeOptions
 from ptft.errors import DataError
 
@@ -208,3 +209,17 @@ def test_each_entry_keeps_a_digest_per_image_and_an_old_entry_gets_them_once(tmp
     digests.unlink()  # an entry written before row digests existed
     again = cache.cached_decode(files, root, DecodeOptions(), cache_dir)
     assert np.array_equal(again.row_digests, first.row_digests) and digests.exists() and count_decodes == [14]
+
+
+def test_an_entry_decoded_by_older_pixel_rules_is_replaced_not_kept(tmp_path, monkeypatch, count_decodes):
+    root, cache_dir = image_tree(tmp_path / "images"), tmp_path / "cache"
+    today = images.RULES_VERSION
+    monkeypatch.setattr(images, "RULES_VERSION", today - 1)  # as an older ptft decoded it
+    load(root, cache_dir)
+    monkeypatch.setattr(images, "RULES_VERSION", today)
+    load(root, cache_dir, image_size=6)  # other options: a second entry, kept beside it
+    assert len(entries(cache_dir)) == 2
+    load(root, cache_dir)  # today's rules decode again, and the older rules' entry goes
+    assert count_decodes == [14, 14, 14] and len(entries(cache_dir)) == 2
+    kept = [json.loads(path.read_text())["pixel_rules"] for path in (cache_dir / "images").glob("*.json")]
+    assert {rules["rules_version"] for rules in kept} == {images.RULES_VERSION}

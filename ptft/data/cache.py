@@ -222,21 +222,31 @@ def _temporary_name(path: Path) -> Path:
 
 
 def _remove_replaced(npy: Path, facts: dict) -> None:
-    """Delete the entries of an earlier state of the same folder with the same pixel rules: the
-    cache then holds one entry per (folder, rules), not one per edit. A process still mapping a
-    deleted entry keeps reading it (the file lives until it is unmapped)."""
+    """Delete the entries of an earlier state of the same folder with the same pixel rules, or with
+    the same options under older rules (which no ptft of today reads again): the cache then holds
+    one entry per (folder, options), not one per edit or upgrade. A process still mapping a deleted
+    entry keeps reading it (the file lives until it is unmapped)."""
     for other in npy.parent.glob("*.json"):
         if other.stem == npy.stem:
             continue
         try:
             old = json.loads(other.read_text())
-            if old.get("folder") == facts["folder"] and old.get("pixel_rules") == facts["pixel_rules"]:
+            if old.get("folder") == facts["folder"] and _superseded(old.get("pixel_rules"), facts["pixel_rules"]):
                 other.with_suffix(".npy").unlink(missing_ok=True)  # the .npy first: a .json alone is never read
                 _digests_path(other.with_suffix(".npy")).unlink(missing_ok=True)
                 other.unlink(missing_ok=True)
                 other.with_suffix(".lock").unlink(missing_ok=True)
         except (OSError, ValueError):
             continue
+
+
+def _superseded(old: dict | None, new: dict) -> bool:
+    """Whether pixels decoded by rules `old` are replaced by ones decoded by `new` (DecodeOptions.pixel_rules)."""
+    if not isinstance(old, dict):
+        return False
+    same_options = {k: v for k, v in old.items() if k != "rules_version"} == \
+        {k: v for k, v in new.items() if k != "rules_version"}
+    return same_options and old.get("rules_version", 0) <= new["rules_version"]
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,14 @@ def test_a_folders_fingerprint_reads_no_pixels_and_follows_its_content(tmp_path,
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8), "RGB").save(edited)
     changed = build_data(cfg, "cpu", reads=[]).fingerprint
     assert changed["content_sha256"] != first["content_sha256"] and changed["val_sha256"] == first["val_sha256"]
+
+
+def test_without_preadv_rows_are_gathered_through_the_mapping(tmp_path, monkeypatch):
+    root, cache_dir = noise_folder(tmp_path / "images", per_class=6, size=8), tmp_path / "cache"
+    cfg = DataSection(name="imagefolder", root=str(root), cache_dir=str(cache_dir), placement="host")
+    x = build_data(cfg, "cpu", reads=["unlabelled"]).unlabelled.x
+    rows = torch.tensor([3, 0, 7])
+    read = x[rows].read()
+    monkeypatch.delattr(os, "preadv")  # macOS and Windows Pythons have none
+    assert not residency.read_rows(x.parts[0], x.rows[rows], torch.empty_like(read))
+    assert torch.equal(x[rows].read(), read)

@@ -62,8 +62,8 @@ def track(array: np.ndarray) -> None:
 def read_rows(part: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> bool:
     """Rows `rows` of `part` into `out` ((len(rows), *part.shape[1:]), contiguous, CPU) by reading the file
     behind `part`'s mapping; False (nothing read) when `part` is not a registered mapping's contiguous rows."""
-    if not part.is_contiguous() or out.dtype != part.dtype:
-        return False
+    if not hasattr(os, "preadv") or not part.is_contiguous() or out.dtype != part.dtype:
+        return False  # (os.preadv: Linux and the BSDs) the caller gathers through the mapping instead
     entry = _entry_at(part.data_ptr())
     if entry is None:
         return False
@@ -84,7 +84,7 @@ def release_all() -> None:
     with _LOCK:
         for entry in _MAPPINGS:
             mapped = entry.mapping()
-            if mapped is not None and not mapped.closed:
+            if mapped is not None and not mapped.closed and hasattr(mmap, "MADV_DONTNEED"):
                 mapped.madvise(mmap.MADV_DONTNEED)
 
 

@@ -53,8 +53,9 @@ def count_decodes(monkeypatch):
 
 
 def entries(cache_dir: Path) -> list[str]:
-    """The cache's pixel files (each entry's row digests, KEY.rows.npy, not counted)."""
-    return sorted(path.name for path in (cache_dir / "images").glob("*.npy") if not path.name.endswith(".rows.npy"))
+    """The cache's pixel files (each entry's row digests and sums, KEY.rows.npy and KEY.sums.npy, not counted)."""
+    return sorted(path.name for path in (cache_dir / "images").glob("*.npy")
+                  if not path.name.endswith((".rows.npy", ".sums.npy")))
 
 
 def test_a_second_load_maps_the_cache_instead_of_decoding(tmp_path, count_decodes, capsys):
@@ -198,17 +199,21 @@ def test_a_broken_link_is_an_unreadable_file_like_any_other(tmp_path):
     assert len(load(root, cache_dir, skip_bad_files=True).train_x) == 12
 
 
-def test_each_entry_keeps_a_digest_per_image_and_an_old_entry_gets_them_once(tmp_path, count_decodes):
+def test_each_entry_keeps_a_digest_and_sums_per_image_and_an_old_entry_gets_them_once(tmp_path, count_decodes):
     root, cache_dir = image_tree(tmp_path / "images"), tmp_path / "cache"
     files = sorted(map(str, root.rglob("*.png")))
     first = cache.cached_decode(files, root, DecodeOptions(), cache_dir)
     expected = [hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=16).digest() for row in first.images]
     assert [bytes(row) for row in first.row_digests] == expected
-    (digests,) = (cache_dir / "images").glob("*.rows.npy")
-    assert np.array_equal(np.load(digests), first.row_digests)
-    digests.unlink()  # an entry written before row digests existed
+    pixels = np.asarray(first.images, dtype=np.int64)
+    assert np.array_equal(first.row_sums, np.stack([pixels.sum(axis=(2, 3)), (pixels ** 2).sum(axis=(2, 3))], -1))
+    (digests,), (sums,) = (cache_dir / "images").glob("*.rows.npy"), (cache_dir / "images").glob("*.sums.npy")
+    assert np.array_equal(np.load(digests), first.row_digests) and np.array_equal(np.load(sums), first.row_sums)
+    digests.unlink()  # an entry written before row digests and sums existed
+    sums.unlink()
     again = cache.cached_decode(files, root, DecodeOptions(), cache_dir)
-    assert np.array_equal(again.row_digests, first.row_digests) and digests.exists() and count_decodes == [14]
+    assert np.array_equal(again.row_digests, first.row_digests) and np.array_equal(again.row_sums, first.row_sums)
+    assert digests.exists() and sums.exists() and count_decodes == [14]
 
 
 def test_an_entry_decoded_by_older_pixel_rules_is_replaced_not_kept(tmp_path, monkeypatch, count_decodes):

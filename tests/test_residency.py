@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ptft.config.schema import DataSection
-from ptft.data import build_data, bundle, residency
+from ptft.data import build_data, bundle, normalize, residency
 from ptft.data.batches import DeviceBatches
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads a mapping's Rss in /proc")
@@ -77,12 +77,16 @@ def test_rows_read_from_the_file_equal_rows_indexed_in_memory(tmp_path):
     assert not residency.read_rows(torch.from_numpy(array), rows, out)  # not a mapping: the caller indexes
 
 
-def test_a_folders_fingerprint_reads_no_pixels_and_follows_its_content(tmp_path, monkeypatch):
+def test_a_folders_fingerprint_and_statistics_read_no_pixels_and_follow_its_content(tmp_path, monkeypatch):
     root, cache_dir = noise_folder(tmp_path / "images", per_class=6, size=8), tmp_path / "cache"
-    cfg = DataSection(name="imagefolder", root=str(root), cache_dir=str(cache_dir))
-    first = build_data(cfg, "cpu", reads=[]).fingerprint
+    cfg = DataSection(name="imagefolder", root=str(root), cache_dir=str(cache_dir), normalize="dataset")
+    built = build_data(cfg, "cpu", reads=[])
+    first = built.fingerprint
     monkeypatch.setattr(bundle, "pixels_content_sha256", lambda *args: pytest.fail("read the pixels"))
-    assert build_data(cfg, "cpu", reads=[]).fingerprint == first  # from the cache's row digests
+    monkeypatch.setattr(normalize, "_from_pixels", lambda *args: pytest.fail("read the pixels"))
+    again = build_data(cfg, "cpu", reads=[])
+    assert again.fingerprint == first  # from the cache's row digests ...
+    assert again.normalization == built.normalization  # ... and the statistics from its row sums
     edited = root / "train" / "b" / "3.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8), "RGB").save(edited)
     changed = build_data(cfg, "cpu", reads=[]).fingerprint

@@ -48,7 +48,7 @@ def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = S
     unlabelled = _unlabelled_examples(tensors, train_idx, device)
     # On the train split (and unlabelled images): what pretraining sees, whatever the label budget,
     # so a finetune on the same data computes the same numbers.
-    normalization = normalization_stats(data_cfg.normalize, unlabelled.x)
+    normalization = normalization_stats(data_cfg.normalize, unlabelled.x, _unlabelled_row_sums(tensors, train_idx))
     # Without a budget the labelled split is the train split: share its rows, not a copy.
     shares_unlabelled = tensors.unlabelled_x is None and torch.equal(labelled_idx, train_idx)
     bundle = DataBundle(
@@ -111,6 +111,14 @@ def _stored_size(tensors: DatasetTensors, data_cfg) -> tuple[int, int] | None:
     """(H, W) of the stored images when they are larger than the model's input (data.decode_size), else None."""
     size = tuple(tensors.train_array.shape[2:])
     return size if size != _input_shape(tensors, data_cfg)[1:] else None
+
+
+def _unlabelled_row_sums(tensors: DatasetTensors, train_idx: torch.Tensor) -> torch.Tensor | None:
+    """The unlabelled split's row sums (as `_unlabelled_examples` orders its rows), or None without them."""
+    if tensors.row_sums is None or (tensors.unlabelled_x is not None and tensors.unlabelled_row_sums is None):
+        return None
+    sums = tensors.row_sums[tensors.train_rows_of(train_idx)]
+    return sums if tensors.unlabelled_x is None else torch.cat([sums, tensors.unlabelled_row_sums])
 
 
 def _train_content_sha256(tensors: DatasetTensors) -> str:

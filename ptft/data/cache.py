@@ -4,6 +4,8 @@
     CACHE_DIR/images/<key>.json       facts: root, pixel rules, file count, shape, unreadable files
     CACHE_DIR/images/<key>.rows.npy   (N, 16) uint8: each image's blake2b-128 digest, so a stage can
                                       fingerprint a split's content without reading its pixels
+    CACHE_DIR/images/<key>.sums.npy   (N, C, 2) int64: each image's per-channel sum and sum of squares,
+                                      so data.normalize dataset is exact for any split without reading it
 
 The key is the sha256 of the pixel rules (`DecodeOptions.pixel_rules`: image_size, resize, the
 rules' version) and of the folder's listing: each file's path relative to data.root, size and
@@ -39,6 +41,7 @@ from ptft.errors import DataError
 FORMAT_VERSION = 1  # of the cache files themselves
 DIGEST_BYTES = 16  # of each image's row digest: blake2b-128, collisions out of reach
 DIGEST_CHUNK_BYTES = 1 << 26  # pixels read at a time while computing row digests
+SUMS_CHUNK_BYTES = 1 << 24  # pixels read at a time while summing rows (held 4x, as int32)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class CachedFolder:
     images: np.ndarray  # (K, C, H, W) uint8 of the K readable files, in file order
     bad: dict[int, str]  # index into the files -> why that file is unreadable
     row_digests: np.ndarray  # (K, DIGEST_BYTES) uint8: row_digests[i] identifies images[i]'s pixels
+    row_sums: np.ndarray  # (K, C, 2) int64: images[i]'s per-channel sum and sum of squares
 
 
 def default_cache_dir() -> Path:
@@ -111,6 +115,18 @@ def row_digests(images: np.ndarray) -> np.ndarray:
     return out
 
 
+def row_sums(images: np.ndarray) -> np.ndarray:
+    """(N, C, 2) int64: each uint8 image's per-channel sum and sum of squares, read a chunk of rows at a time."""
+    n, channels = images.shape[:2]
+    out = np.empty((n, channels, 2), dtype=np.int64)
+    rows_per_chunk = max(1, SUMS_CHUNK_BYTES // max(1, images[0].nbytes if n else 1))
+    for start in range(0, n, rows_per_chunk):
+        chunk = np.asarray(images[start:start + rows_per_chunk], dtype=np.int32)  # 255 ** 2 fits
+        out[start:start + len(chunk), :, 0] = chunk.sum(axis=(2, 3), dtype=np.int64)
+        out[start:start + len(chunk), :, 1] = (chunk * chunk).sum(axis=(2, 3), dtype=np.int64)
+    return out
+
+
 def _mapped(npy: Path, facts_path: Path, root: Path, options: DecodeOptions) -> CachedFolder | None:
     """The cached folder of a complete entry, or None when there is none (or it is damaged)."""
     try:
@@ -125,27 +141,30 @@ def _mapped(npy: Path, facts_path: Path, root: Path, options: DecodeOptions) -> 
     if bad and not options.skip_bad_files:
         raise DataError(bad[min(bad)])
     residency.track(images)
-    return CachedFolder(images, bad, _cached_row_digests(npy, images))
+    return _with_row_facts(npy, images, bad)
 
 
-def _cached_row_digests(npy: Path, images: np.ndarray) -> np.ndarray:
-    """The entry's row digests; an entry written before they existed gets them now, once."""
-    path = _digests_path(npy)
-    try:
-        digests = np.load(path)
-        if digests.shape == (len(images), DIGEST_BYTES) and digests.dtype == np.uint8:
-            return digests
-    except (OSError, ValueError):
-        pass
-    digests = row_digests(images)
-    residency.release_all()  # that read every page of the cache
-    with contextlib.suppress(OSError):  # a read-only cache still works: it hashes again next time
-        _write_array(path, digests)
-    return digests
+def _with_row_facts(npy: Path, images: np.ndarray, bad: dict[int, str]) -> CachedFolder:
+    """The entry with its row digests and sums; an entry written before they existed gets them now, once."""
+    facts = {}
+    for name, compute, shape, dtype in (("rows", row_digests, (len(images), DIGEST_BYTES), np.uint8),
+                                        ("sums", row_sums, (*images.shape[:2], 2), np.int64)):
+        path = _row_facts_path(npy, name)
+        try:
+            facts[name] = np.load(path)
+            if facts[name].shape == shape and facts[name].dtype == dtype:
+                continue
+        except (OSError, ValueError):
+            pass
+        facts[name] = compute(images)
+        residency.release_all()  # that read every page of the cache
+        with contextlib.suppress(OSError):  # a read-only cache still works: it computes them again next time
+            _write_array(path, facts[name])
+    return CachedFolder(images, bad, facts["rows"], facts["sums"])
 
 
-def _digests_path(npy: Path) -> Path:
-    return npy.with_name(f"{npy.stem}.rows.npy")
+def _row_facts_path(npy: Path, name: str) -> Path:
+    return npy.with_name(f"{npy.stem}.{name}.npy")
 
 
 def _decode_and_write(files: list, root: Path, options: DecodeOptions, npy: Path,
@@ -161,12 +180,12 @@ def _decode_and_write(files: list, root: Path, options: DecodeOptions, npy: Path
         note(f"decoded {len(files)} files in {decoded.seconds:.1f}s; could not cache them in {npy.parent} ({exc}), "
              "so the next stage decodes them again (set data.cache_dir to a writable folder)")
         images = decoded.array()
-        return CachedFolder(images, decoded.bad, row_digests(images))
+        return CachedFolder(images, decoded.bad, row_digests(images), row_sums(images))
     note(f"decoded {len(files)} files in {decoded.seconds:.1f}s, cached in {npy}")
     _remove_replaced(npy, facts)
     images = np.load(npy, mmap_mode="c")
     residency.track(images)
-    return CachedFolder(images, decoded.bad, _cached_row_digests(npy, images))
+    return _with_row_facts(npy, images, decoded.bad)
 
 
 def _scratch(folder: Path) -> Path | None:
@@ -233,7 +252,8 @@ def _remove_replaced(npy: Path, facts: dict) -> None:
             old = json.loads(other.read_text())
             if old.get("folder") == facts["folder"] and _superseded(old.get("pixel_rules"), facts["pixel_rules"]):
                 other.with_suffix(".npy").unlink(missing_ok=True)  # the .npy first: a .json alone is never read
-                _digests_path(other.with_suffix(".npy")).unlink(missing_ok=True)
+                for name in ("rows", "sums"):
+                    _row_facts_path(other.with_suffix(".npy"), name).unlink(missing_ok=True)
                 other.unlink(missing_ok=True)
                 other.with_suffix(".lock").unlink(missing_ok=True)
         except (OSError, ValueError):

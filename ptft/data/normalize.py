@@ -24,6 +24,7 @@ from ptft.errors import UserError
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 VALUES_PER_CHUNK = 1 << 24  # pixel values summed at a time: bounded memory for any dataset size
+ROWS_PER_SUM = 1 << 16  # row sums added in int64 at a time: 65,536 x 4096^2 px x 255^2 stays under 2^63
 
 
 class Normalize(nn.Module):
@@ -65,8 +66,11 @@ def recorded_normalization(meta) -> dict | None:
     return (meta.inputs or {}).get("normalize")
 
 
-def normalization_stats(setting, images: torch.Tensor) -> dict | None:
+def normalization_stats(setting, images: torch.Tensor, row_sums: torch.Tensor | None = None) -> dict | None:
     """The numbers `setting` (data.normalize) stands for, for `images` (N, C, H, W): the train split.
+
+    `row_sums` ((N, C, 2) int64: each uint8 image's per-channel sum and sum of squares, the decode
+    cache's) gives `dataset` the very same integers without reading the images.
 
     Returns:
         None for "none", else {"mean": [C floats], "std": [C floats]} for pixels in [0, 1].
@@ -79,7 +83,7 @@ def normalization_stats(setting, images: torch.Tensor) -> dict | None:
     if setting in (None, "none"):
         return None
     if setting == "dataset":
-        return _dataset_stats(images)
+        return _dataset_stats(images, row_sums)
     if setting == "imagenet":
         if channels != 3:
             raise UserError(f"data.normalize: imagenet's statistics are for RGB images; these have {channels} "
@@ -92,23 +96,15 @@ def normalization_stats(setting, images: torch.Tensor) -> dict | None:
     return {"mean": [float(v) for v in values["mean"]], "std": [float(v) for v in values["std"]]}
 
 
-def _dataset_stats(images: torch.Tensor) -> dict:
+def _dataset_stats(images: torch.Tensor, row_sums: torch.Tensor | None) -> dict:
     """Per-channel mean and (population) std of the pixels in [0, 1].
 
     uint8 pixels are summed as integers: exact, so every stage and device computes the same
-    numbers bit for bit. Float images are summed in float64.
+    numbers bit for bit, from the pixels or from `row_sums`. Float images are summed in float64.
     """
-    n, channels = images.shape[:2]
-    per_image = max(1, math.prod(images.shape[1:]))
+    n = len(images)
     exact = images.dtype == torch.uint8
-    sums, squares = [0] * channels, [0] * channels
-    for chunk in images.split(max(1, VALUES_PER_CHUNK // per_image)):
-        # int32 holds 255 ** 2; float64 for float images.
-        values = chunk.to(torch.int32 if exact else torch.float64)
-        total = values.sum(dim=(0, 2, 3), dtype=torch.int64 if exact else torch.float64).tolist()
-        total_sq = (values * values).sum(dim=(0, 2, 3), dtype=torch.int64 if exact else torch.float64).tolist()
-        sums = [a + b for a, b in zip(sums, total)]
-        squares = [a + b for a, b in zip(squares, total_sq)]
+    sums, squares = _from_row_sums(row_sums) if exact and row_sums is not None else _from_pixels(images)
     count = n * images.shape[2] * images.shape[3]
     scale = 255 if exact else 1
     mean = [s / count / scale for s in sums]
@@ -119,3 +115,29 @@ def _dataset_stats(images: torch.Tensor) -> dict:
             raise UserError(f"data.normalize: dataset: channel {channel} has the same value in every pixel of the "
                             "train split (std 0); use none, or give mean and std")
     return {"mean": mean, "std": std}
+
+
+def _from_row_sums(row_sums: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per-channel (sum, sum of squares) as Python integers from (N, C, 2) int64 row sums."""
+    channels = row_sums.shape[1]
+    sums, squares = [0] * channels, [0] * channels
+    for chunk in row_sums.split(ROWS_PER_SUM):  # each chunk's int64 total is far from overflow
+        total = chunk.sum(0).tolist()  # (C, 2)
+        sums = [a + t[0] for a, t in zip(sums, total)]
+        squares = [a + t[1] for a, t in zip(squares, total)]
+    return sums, squares
+
+
+def _from_pixels(images: torch.Tensor) -> tuple[list, list]:
+    """Per-channel (sum, sum of squares): Python integers for uint8 images, floats (float64 sums) otherwise."""
+    channels, per_image = images.shape[1], max(1, math.prod(images.shape[1:]))
+    exact = images.dtype == torch.uint8
+    sums, squares = [0] * channels, [0] * channels
+    for chunk in images.split(max(1, VALUES_PER_CHUNK // per_image)):
+        # int32 holds 255 ** 2; float64 for float images.
+        values = chunk.to(torch.int32 if exact else torch.float64)
+        total = values.sum(dim=(0, 2, 3), dtype=torch.int64 if exact else torch.float64).tolist()
+        total_sq = (values * values).sum(dim=(0, 2, 3), dtype=torch.int64 if exact else torch.float64).tolist()
+        sums = [a + b for a, b in zip(sums, total)]
+        squares = [a + b for a, b in zip(squares, total_sq)]
+    return sums, squares

@@ -182,7 +182,7 @@ def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str =
     classes, (train_files, train_y), (test_files, test_y), unlabelled_files = _folder_listing(root)
     files = train_files + test_files + unlabelled_files
     options = DecodeOptions(image_size, resize, skip_bad_files, decoder)
-    images, bad, digests = _decoded_folder(files, root, options, cache_dir)
+    images, bad, digests, sums = _decoded_folder(files, root, options, cache_dir)
     _require_readable_classes(root / "train", classes, train_y, bad)
     # `images` holds the readable files alone, in file order: keep their labels.
     train_y = [label for i, label in enumerate(train_y) if i not in bad]
@@ -191,15 +191,17 @@ def load_imagefolder(root: Path, image_size: int | None = None, *, resize: str =
     train_x, test_x = images[:n_train], images[n_train:n_train + n_test]
     unlabelled_x = images[n_train + n_test:] if len(images) > n_train + n_test else None
     train_y, test_y = torch.tensor(train_y, dtype=torch.long), torch.tensor(test_y, dtype=torch.long)
-    train_digests = digests[:n_train]  # the fingerprint's content hash reads these, not the pixels
+    # The fingerprint's content hash and data.normalize dataset read these, not the pixels.
+    facts = {"row_digests": digests[:n_train], "row_sums": sums[:n_train],
+             "unlabelled_row_sums": sums[n_train + n_test:] if unlabelled_x is not None else None}
     if n_test:
         return DatasetTensors(train_x, train_y, test_x, test_y, num_classes=len(classes), class_names=classes,
-                              unlabelled_x=unlabelled_x, row_digests=train_digests)
+                              unlabelled_x=unlabelled_x, **facts)
     # Both splits stay rows of the mapped cache: gathering them would copy all of it into private memory.
     train_idx, test_idx = train_val_split(train_y, HELD_OUT_TEST_FRACTION, HELD_OUT_TEST_SEED)
     return DatasetTensors(train_x, train_y[train_idx], train_x, train_y[test_idx], num_classes=len(classes),
                           class_names=classes, unlabelled_x=unlabelled_x, train_rows=train_idx, test_rows=test_idx,
-                          row_digests=train_digests)
+                          **facts)
 
 
 def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:
@@ -216,14 +218,15 @@ def _folder_listing(root: Path) -> tuple[list[str], tuple, tuple, list[str]]:
 
 
 def _decoded_folder(files: list[str], root: Path, options: DecodeOptions,
-                    cache_dir: Path | None) -> tuple[torch.Tensor, dict[int, str], torch.Tensor]:
+                    cache_dir: Path | None) -> tuple[torch.Tensor, dict[int, str], torch.Tensor, torch.Tensor]:
     """(images (K, C, H, W) uint8 of the K readable files, {file index: why unreadable}, (K, 16) uint8 row
-    digests); skipped files listed."""
+    digests, (K, C, 2) int64 row sums); skipped files listed."""
     folder = cached_decode(files, root, options, cache_dir)
     if folder.bad:
         listed = "\n".join(f"  {reason.removeprefix('data.root: ')}" for reason in folder.bad.values())
         note(f"skipped {len(folder.bad)} unreadable image(s) (data.skip_bad_files):\n{listed}")
-    return torch.from_numpy(folder.images), folder.bad, torch.from_numpy(folder.row_digests)
+    return (torch.from_numpy(folder.images), folder.bad, torch.from_numpy(folder.row_digests),
+            torch.from_numpy(folder.row_sums))
 
 
 def _require_readable_classes(train_dir: Path, classes: list[str], train_y: list[int], bad: dict) -> None:

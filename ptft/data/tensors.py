@@ -27,16 +27,19 @@ class DatasetTensors:
         train_rows, test_rows: (N,) int64 rows of `train_x` / `test_x`; None: all of it, in order.
         row_digests: (len(train_x), 16) uint8, a digest of each row of `train_x` (the decode cache's),
             or None: the data fingerprint then hashes the train split's pixels themselves.
+        row_sums, unlabelled_row_sums: (len(train_x) / len(unlabelled_x), C, 2) int64, each uint8 row's
+            per-channel sum and sum of squares, or None: data.normalize dataset then reads the pixels.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
                  class_names: list[str], unlabelled_x: Tensor | None = None, *, train_rows: Tensor | None = None,
-                 test_rows: Tensor | None = None, row_digests: Tensor | None = None):
+                 test_rows: Tensor | None = None, row_digests: Tensor | None = None,
+                 row_sums: Tensor | None = None, unlabelled_row_sums: Tensor | None = None):
         self.train_array, self.train_rows, self.train_y = train_x, train_rows, train_y
         self.test_array, self.test_rows, self.test_y = test_x, test_rows, test_y
         self.num_classes, self.class_names = num_classes, class_names
         self.unlabelled_x = unlabelled_x  # extra images without labels (stl10's 'unlabeled' split)
-        self.row_digests = row_digests
+        self.row_digests, self.row_sums, self.unlabelled_row_sums = row_digests, row_sums, unlabelled_row_sums
 
     @property
     def train_x(self) -> Tensor:

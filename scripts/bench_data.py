@@ -18,6 +18,8 @@ and these figures:
             (`ptft pretrain`'s parts: data already decoded, batches by index; one validation and
             one checkpoint at the end included), against torchvision ImageFolder + DataLoader
             (num_workers=2, shuffle) driving the same model for the same number of steps
+  gather    rgb only: ms per host batch (MEMORY_BATCH random rows of the mapped cache) read with
+            preadv, as data.placement host does, against gathered through the mapping (the baseline)
   memory    rgb only: peak resident memory of `ptft pretrain` (a subprocess each, the cache already
             written) training --memory-steps steps with data.placement host, then device; and a
             pass over every image with placement host against --budget-mib, a budget below the
@@ -292,6 +294,29 @@ def peak_memory(config: dict, work: Path, name: str) -> dict:
             "peak_file_bytes": peaks["RssFile"] * 1024, "wall_s": time.perf_counter() - started}
 
 
+def gather_figures(root: Path, cache_dir: Path, batches: int = 100) -> dict:
+    """ms per batch of MEMORY_BATCH random rows of the mapped cache: preadv (ptft) vs through the mapping."""
+    from ptft.config.schema import DataSection
+    from ptft.data import build_data, residency
+
+    data = DataSection(name="imagefolder", root=str(root), cache_dir=str(cache_dir), placement="host")
+    x = build_data(data, "cpu", reads=["unlabelled"]).unlabelled.x
+    generator = torch.Generator().manual_seed(0)
+    picks = [torch.randint(len(x), (MEMORY_BATCH,), generator=generator) for _ in range(batches)]
+    ms = {}
+    for name, reads in (("preadv", residency.read_rows), ("mapping", lambda *args: False)):
+        real, residency.read_rows = residency.read_rows, reads
+        try:
+            x[picks[0]].read()  # warm-up
+            started = time.perf_counter()
+            for pick in picks:
+                x[pick].read()
+            ms[name] = (time.perf_counter() - started) / batches * 1e3
+        finally:
+            residency.read_rows = real
+    return {"batch_size": MEMORY_BATCH, "ms_per_batch": ms, "mapping_over_preadv": ms["mapping"] / ms["preadv"]}
+
+
 def memory_figures(root: Path, cache_dir: Path, work: Path, steps: int, budget_mib: float,
                    cache_bytes: int) -> dict:
     """Peak memory of `steps` steps with placement host vs device, and of a whole epoch with host under a budget."""
@@ -327,6 +352,12 @@ def format_report(report: dict) -> str:
                   f"  reload from cache  {cache['reload_s']:.2f} s "
                   f"(build_data: {cache['build_data_from_cache_s']:.2f} s)",
                   f"  cache size         {cache['cache_bytes'] / 2**20:,.1f} MiB"]
+    gather = report.get("gather")
+    if gather:
+        ms = gather["ms_per_batch"]
+        lines += [f"host batches (rgb, {gather['batch_size']} random rows of the mapped cache): preadv "
+                  f"{ms['preadv']:.2f} ms, through the mapping {ms['mapping']:.2f} ms "
+                  f"(mapping / preadv x{gather['mapping_over_preadv']:.2f})"]
     epoch = report.get("epoch")
     if epoch:
         lines += [f"epoch (fashion, conv_classifier {report['channels']}, batch {BATCH_SIZE}, "
@@ -380,6 +411,9 @@ def main(argv=None) -> int:
             ours = epoch_ptft(cfg, device)
             theirs = epoch_torchvision(cfg, folders["fashion"], ours["steps"], device)
             report["epoch"] = {"ptft": ours, "torchvision": theirs, "speedup": theirs["epoch_s"] / ours["epoch_s"]}
+        if "rgb" in folders:
+            note("rgb: host batches, preadv against the mapping ...")
+            report["gather"] = gather_figures(folders["rgb"], work / "cache_rgb")
         if "rgb" in folders and args.memory_steps:
             report["memory"] = memory_figures(folders["rgb"], work / "cache_rgb", work, args.memory_steps,
                                               args.budget_mib, report["folders"]["rgb"]["cache"]["cache_bytes"])

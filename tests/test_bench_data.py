@@ -73,10 +73,15 @@ def test_bench_measures_host_and_device_runs_and_an_epoch_against_the_budget(tmp
         assert 0 < run["peak_file_bytes"] <= run["peak_rss_bytes"]
     budget = memory["budget"]
     assert budget["budget_bytes"] == 4096 * MIB and budget["cache_bytes"] == cache["cache_bytes"]
-    assert 0 <= cache["cache_bytes"] - 60 * 3 * 32 * 32 <= 4096  # the pixels and the .npy header
+    # The pixels, each image's digest (16 bytes) and channel sums (3 x 2 int64), and three .npy headers.
+    assert 0 <= cache["cache_bytes"] - 60 * (3 * 32 * 32 + 16 + 3 * 2 * 8) <= 3 * 128
     assert budget["rss_under_budget"] is (budget["peak_rss_bytes"] < 4096 * MIB)
     assert budget["private_under_budget"] is True
-    assert "peak RSS" in capsys.readouterr().err
+    gather = report["gather"]  # both readers timed over the same batches
+    assert gather["batch_size"] == bench_data.MEMORY_BATCH and set(gather["ms_per_batch"]) == {"preadv", "mapping"}
+    assert all(ms > 0 for ms in gather["ms_per_batch"].values()) and gather["mapping_over_preadv"] > 0
+    err = capsys.readouterr().err
+    assert "peak RSS" in err and "host batches (rgb" in err
     # Each run really trained: its checkpoint is there.
     assert all(list((tmp_path / "work" / run / "checkpoints").glob("step-*"))
                for run in ("run_host", "run_device", "run_budget"))

@@ -102,3 +102,13 @@ def test_without_preadv_rows_are_gathered_through_the_mapping(tmp_path, monkeypa
     monkeypatch.delattr(os, "preadv")  # macOS and Windows Pythons have none
     assert not residency.read_rows(x.parts[0], x.rows[rows], torch.empty_like(read))
     assert torch.equal(x[rows].read(), read)
+
+
+def test_a_cache_file_deleted_before_it_is_registered_is_read_through_its_mapping(tmp_path):
+    array = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    np.save(tmp_path / "gone.npy", array)
+    mapped = np.load(tmp_path / "gone.npy", mmap_mode="c")
+    (tmp_path / "gone.npy").unlink()  # as another process replacing an older state of the folder does
+    residency.track(mapped)
+    part, rows = torch.from_numpy(mapped), torch.tensor([1, 0])
+    assert not residency.read_rows(part, rows, torch.empty((2, 3, 4, 4), dtype=torch.uint8))

@@ -53,7 +53,12 @@ def track(array: np.ndarray) -> None:
     with _LOCK:
         if any(m.start == start and m.mapping() is mapped for m in _MAPPINGS):
             return
-        fd = os.open(array.filename, os.O_RDONLY)
+        try:
+            # The path names the mapped file, or a complete file of the same key (the same pixels) that
+            # another process renamed over it; if it is gone already, rows are read through the mapping.
+            fd = os.open(array.filename, os.O_RDONLY)
+        except OSError:
+            return
         entry = _Mapping(start, start + len(mapped), file_offset, fd, weakref.ref(mapped))
         weakref.finalize(mapped, _forget, entry)
         _MAPPINGS.append(entry)

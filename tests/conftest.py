@@ -106,6 +106,16 @@ def write_colour_images(root: Path, side: int, train: int, test: int) -> Path:
     return root
 
 
+@pytest.fixture
+def seeded_torch():
+    """torch's global RNG seeded with 0 for the test, without touching the global RNG of other tests."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _decode_cache_in_tmp(tmp_path_factory, monkeypatch):
     # imagefolder caches decoded images in $XDG_CACHE_HOME/ptft: a test never touches the user's own.

@@ -18,11 +18,8 @@ from ptft.models.decoders import FeatureMapAutoEncoder, FeatureMapDecoder
 from ptft.objectives import OBJECTIVES
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+# Fixed weights and inputs in every test (conftest.seeded_torch).
+pytestmark = pytest.mark.usefixtures("seeded_torch")
 
 
 def model_cfg(name: str, **options) -> SimpleNamespace:

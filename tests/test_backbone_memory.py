@@ -19,11 +19,8 @@ from ptft.errors import UserError
 from ptft.models import MODELS, enable_grad_checkpointing
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+# Fixed weights and inputs in every test (conftest.seeded_torch).
+pytestmark = pytest.mark.usefixtures("seeded_torch")
 
 
 def build(name: str, input_shape=(3, 32, 32), **options):

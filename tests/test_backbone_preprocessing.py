@@ -20,11 +20,8 @@ from ptft.lineage import InitSource, normalization_warning
 WARNING = "data.normalize: imagenet"
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+# Fixed weights and inputs in every test (conftest.seeded_torch).
+pytestmark = pytest.mark.usefixtures("seeded_torch")
 
 
 @pytest.fixture(scope="module")

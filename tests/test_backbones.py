@@ -36,11 +36,8 @@ FAMILY_SAMPLES = [("resnet18", "fc."), ("regnet_x_400mf", "fc."), ("convnext_tin
                   ("vit_b_16", "heads.head."), ("swin_t", "head.")]
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+# Fixed weights and inputs in every test (conftest.seeded_torch).
+pytestmark = pytest.mark.usefixtures("seeded_torch")
 
 
 def build(name: str, input_shape=(1, 32, 32), num_classes: int = NUM_CLASSES, **options):

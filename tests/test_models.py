@@ -23,12 +23,8 @@ SMALL_MODELS = [name for name in MODELS.names() if name not in RESNETS]
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    """Fixed weights and inputs in every test, without touching the global RNG of other tests."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+# Fixed weights and inputs in every test (conftest.seeded_torch).
+pytestmark = pytest.mark.usefixtures("seeded_torch")
 
 
 def build(name: str, input_shape=(1, 8, 8), **options):

@@ -46,9 +46,6 @@ def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = S
                                                  **_image_options(name, data_cfg))
     train_idx, val_idx, labelled_idx = _split_indices(name, tensors.train_y, data_cfg)
     unlabelled = _unlabelled_examples(tensors, train_idx, device)
-    # On the train split (and unlabelled images): what pretraining sees, whatever the label budget,
-    # so a finetune on the same data computes the same numbers.
-    normalization = normalization_stats(data_cfg.normalize, unlabelled.x, _unlabelled_row_sums(tensors, train_idx))
     # Without a budget the labelled split is the train split: share its rows, not a copy.
     shares_unlabelled = tensors.unlabelled_x is None and torch.equal(labelled_idx, train_idx)
     bundle = DataBundle(
@@ -57,10 +54,11 @@ def build_data(data_cfg, device: torch.device | str, *, reads: Iterable[str] = S
         val=_examples(tensors, val_idx, device),
         test=TensorSplit(host_rows([tensors.test_array], tensors.test_rows, device), tensors.test_y),
         num_classes=tensors.num_classes, class_names=list(tensors.class_names),
-        input_shape=_input_shape(tensors, data_cfg),
-        stored_size=_stored_size(tensors, data_cfg),
+        **_shapes(tensors, data_cfg),
         fingerprint=data_fingerprint(data_cfg, _train_content_sha256(tensors), val_idx, labelled_idx),
-        normalization=normalization,
+        # On the train split (and unlabelled images): what pretraining sees, whatever the label budget,
+        # so a finetune on the same data computes the same numbers.
+        normalization=normalization_stats(data_cfg.normalize, unlabelled.x, _unlabelled_row_sums(tensors, train_idx)),
     )
     return place_splits(bundle, reads, device, data_cfg.placement)
 
@@ -99,18 +97,13 @@ def _image_options(name: str, data_cfg) -> dict:
             "cache_dir": data_cfg.cache_dir, "decoder": data_cfg.decoder}
 
 
-def _input_shape(tensors: DatasetTensors, data_cfg) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: the stored images', or data.image_size squared below a data.decode_size."""
-    channels, height, width = tensors.train_array.shape[1:]
-    if data_cfg.decode_size is not None and data_cfg.decode_size != data_cfg.image_size:
-        return channels, data_cfg.image_size, data_cfg.image_size
-    return channels, height, width
-
-
-def _stored_size(tensors: DatasetTensors, data_cfg) -> tuple[int, int] | None:
-    """(H, W) of the stored images when they are larger than the model's input (data.decode_size), else None."""
-    size = tuple(tensors.train_array.shape[2:])
-    return size if size != _input_shape(tensors, data_cfg)[1:] else None
+def _shapes(tensors: DatasetTensors, data_cfg) -> dict:
+    """DataBundle's input_shape, the (C, H, W) the model takes (the stored images', or data.image_size squared
+    below a data.decode_size), and stored_size, the images' (H, W) when larger than that, else None."""
+    channels, *stored = tensors.train_array.shape[1:]
+    if data_cfg.decode_size is None or data_cfg.decode_size == data_cfg.image_size:
+        return {"input_shape": (channels, *stored), "stored_size": None}
+    return {"input_shape": (channels, data_cfg.image_size, data_cfg.image_size), "stored_size": tuple(stored)}
 
 
 def _unlabelled_row_sums(tensors: DatasetTensors, train_idx: torch.Tensor) -> torch.Tensor | None:

@@ -73,7 +73,7 @@ def build_run(cfg: Config, device: torch.device, *, stage: str) -> Run:
     objective = OBJECTIVES.get(cfg.objective.name)(model, tuple(data.input_shape), **cfg.objective.options)
     check_decode_size(cfg, data, objective)
     if plan is not None:  # finetune.unlabelled: none keeps the supervised objective as it is
-        objective = semi_supervised(objective, cfg.finetune, tuple(data.input_shape))
+        objective = semi_supervised(objective, cfg.finetune, tuple(data.input_shape), data.num_classes)
     check_sampler(cfg, objective)
     data = place_splits(data, stage_reads(cfg, plan, objective), device, cfg.data.placement)
     train_split = data.labelled if objective.needs_labels else data.unlabelled

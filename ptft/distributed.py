@@ -178,7 +178,7 @@ def earliest(step: int) -> int:
 
 
 def average(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a 0-dim tensor on the training device over ranks (a copy): slice means -> batch mean."""
+    """Element-wise mean of a tensor on the training device over ranks (a copy): slice means -> batch means."""
     if not is_distributed():
         return value
     total = value.detach().clone()

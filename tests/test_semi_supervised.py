@@ -16,7 +16,8 @@ from conftest import tiny_finetune_config, tiny_pretrain_config, write_yaml
 
 from ptft.data.mixed import MixedBatches
 from ptft.data.tensors import TensorSplit
-from ptft.objectives.semi_supervised import semi_supervised, unlabelled_views
+from ptft.objectives.semi_supervised import (ADAPTIVE_MOMENTUM, AdaptiveThreshold, DistributionAlignment,
+                                             masked_pseudo_label_loss, semi_supervised, unlabelled_views)
 from ptft.objectives.supervised import Supervised
 
 SHAPE = (1, 8, 8)
@@ -40,8 +41,9 @@ def constant_images(values) -> torch.Tensor:
     return torch.tensor(values).view(-1, 1, 1, 1).expand(-1, *SHAPE).clone()
 
 
-def finetune_cfg(method: str, threshold: float = 0.95, weight: float = 1.0):
-    return SimpleNamespace(unlabelled=method, confidence_threshold=threshold, unlabelled_weight=weight)
+def finetune_cfg(method: str, threshold: float | str = 0.95, weight: float = 1.0, align: bool = False):
+    return SimpleNamespace(unlabelled=method, confidence_threshold=threshold, unlabelled_weight=weight,
+                           distribution_alignment=align)
 
 
 # Confidences sigmoid(10 v): 0.731, 0.881, 0.9933, 0.99988.
@@ -53,7 +55,7 @@ UNLABELLED_VALUES = [0.1, 0.2, 0.5, 0.9]
                                                   (0.99995, [])])
 def test_only_examples_at_or_above_the_threshold_train_on_their_pseudo_label(method, threshold, confident):
     model = BrightnessClassifier()
-    objective = semi_supervised(Supervised(0.0), finetune_cfg(method, threshold, weight=2.0), SHAPE)
+    objective = semi_supervised(Supervised(0.0), finetune_cfg(method, threshold, weight=2.0), SHAPE, 2)
     x = torch.cat([constant_images([0.3, 0.7]), constant_images(UNLABELLED_VALUES)])
     y = torch.tensor([1, 0, -1, -1, -1, -1])
     loss, logs = objective(model, x, y, torch.Generator().manual_seed(0))
@@ -69,10 +71,77 @@ def test_only_examples_at_or_above_the_threshold_train_on_their_pseudo_label(met
     assert loss.item() == pytest.approx(supervised.item() + 2.0 * expected_unsup.item(), rel=1e-5)
 
 
+def test_adaptive_thresholds_follow_freematchs_running_estimates():
+    # A brute-force reference of FreeMatch's rule, step by step in float64: level tau and class
+    # distribution p are running means (momentum lambda) from 1/C; class c's bar is tau * p_c / max p.
+    torch.manual_seed(0)
+    classes, lam = 4, ADAPTIVE_MOMENTUM
+    thresholds = AdaptiveThreshold(classes)
+    tau, p = 1 / classes, [1 / classes] * classes
+    for _ in range(5):
+        probs = torch.randn(16, classes).mul(3).softmax(1)
+        got = thresholds(probs)
+        rows = probs.double().tolist()
+        tau = lam * tau + (1 - lam) * sum(max(row) for row in rows) / len(rows)
+        p = [lam * pc + (1 - lam) * sum(row[c] for row in rows) / len(rows) for c, pc in enumerate(p)]
+        expected = torch.tensor([tau * pc / max(p) for pc in p], dtype=torch.float64)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    # The estimates are buffers: a checkpoint holds them, so --resume continues them.
+    assert set(thresholds.state_dict()) == {"level", "class_probs"}
+
+
+def test_a_per_class_threshold_is_the_pseudo_labels_own():
+    probs = torch.tensor([[0.7, 0.3], [0.3, 0.7], [0.55, 0.45], [0.4, 0.6]])
+    student = torch.zeros(4, 2)
+    # Class 0 needs 0.6, class 1 needs 0.65: examples 0 (0.7 >= 0.6) and 1 (0.7 >= 0.65) pass,
+    # 2 (0.55 < 0.6) and 3 (0.6 < 0.65) do not.
+    _, mask_rate = masked_pseudo_label_loss(probs, student, torch.tensor([0.6, 0.65]))
+    assert mask_rate.item() == 0.5
+
+
+def test_adaptive_thresholds_let_more_pseudo_labels_train_early_than_a_fixed_bar():
+    model = BrightnessClassifier()
+    x = torch.cat([constant_images([0.3, 0.7]), constant_images(UNLABELLED_VALUES)])
+    y = torch.tensor([1, 0, -1, -1, -1, -1])
+    fixed = semi_supervised(Supervised(0.0), finetune_cfg("fixmatch", 0.95), SHAPE, 2)
+    adaptive = semi_supervised(Supervised(0.0), finetune_cfg("fixmatch", "adaptive"), SHAPE, 2)
+    assert isinstance(adaptive.threshold, AdaptiveThreshold)
+    _, fixed_logs = fixed(model, x, y, torch.Generator().manual_seed(0))
+    _, adaptive_logs = adaptive(model, x, y, torch.Generator().manual_seed(0))
+    # The bar starts near 1/C = 0.5: every unlabelled image (confidence >= 0.73) trains, not 2 of 4.
+    assert fixed_logs["mask_rate"].item() == 0.5 and adaptive_logs["mask_rate"].item() == 1.0
+
+
+def test_distribution_alignment_rescales_by_prior_over_running_mean():
+    torch.manual_seed(0)
+    align = DistributionAlignment(3)
+    align.fit_prior(torch.tensor([0, 0, 1, 1, 2, 2, 2, 2]))  # prior 1/4, 1/4, 1/2
+    running = [1 / 3] * 3
+    for _ in range(3):
+        probs = torch.randn(8, 3).mul(2).softmax(1)
+        got = align(probs)
+        rows = probs.double().tolist()
+        running = [ADAPTIVE_MOMENTUM * r + (1 - ADAPTIVE_MOMENTUM) * sum(row[c] for row in rows) / len(rows)
+                   for c, r in enumerate(running)]
+        raw = [[q * prior / r for q, prior, r in zip(row, [0.25, 0.25, 0.5], running)] for row in rows]
+        expected = torch.tensor([[v / sum(row) for v in row] for row in raw], dtype=torch.float64)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    # The running mean is saved with the checkpoint; the prior is refitted from the labels at every start.
+    assert set(align.state_dict()) == {"running"}
+
+
+def test_distribution_alignment_lifts_a_class_the_model_under_predicts():
+    align = DistributionAlignment(2)
+    align.fit_prior(torch.tensor([0, 1]))
+    align.running.copy_(torch.tensor([0.8, 0.2]))  # the model has been calling 80% of images class 0
+    aligned = align(torch.tensor([[0.6, 0.4]]))
+    assert aligned[0, 1] > 0.5  # 0.4 for a class seen a quarter as often as class 0 now wins
+
+
 def test_validation_is_the_supervised_objective_alone():
     model = BrightnessClassifier()
     supervised = Supervised(0.0)
-    objective = semi_supervised(supervised, finetune_cfg("fixmatch"), SHAPE).eval()
+    objective = semi_supervised(supervised, finetune_cfg("fixmatch"), SHAPE, 2).eval()
     x, y = constant_images([0.3, 0.7, 0.1]), torch.tensor([1, 0, 0])
     loss, logs = objective(model, x, y, torch.Generator().manual_seed(0))
     expected, expected_logs = supervised.eval()(model, x, y, torch.Generator().manual_seed(0))
@@ -81,7 +150,7 @@ def test_validation_is_the_supervised_objective_alone():
 
 def test_unlabelled_none_keeps_the_supervised_objective():
     supervised = Supervised(0.0)
-    assert semi_supervised(supervised, finetune_cfg("none"), SHAPE) is supervised
+    assert semi_supervised(supervised, finetune_cfg("none"), SHAPE, 2) is supervised
 
 
 def test_strong_views_change_images_more_than_weak_views():
@@ -152,9 +221,13 @@ def _last_weights(run_dir: Path) -> dict:
     return load_file((run_dir / "checkpoints" / "last").resolve() / "model.safetensors")
 
 
-def test_fixmatch_finetune_resumed_halfway_ends_bitwise_equal(tmp_path, ptft):
+RUNNING_ESTIMATES = [{}, {"confidence_threshold": "adaptive", "distribution_alignment": True}]
+
+
+@pytest.mark.parametrize("finetune", RUNNING_ESTIMATES, ids=["fixed", "adaptive+aligned"])
+def test_fixmatch_finetune_resumed_halfway_ends_bitwise_equal(tmp_path, ptft, finetune):
     settings = dict(train={"max_steps": 12, "eval_every_steps": 3, "log_every_steps": 3},
-                    checkpoint={"every_steps": 3})
+                    checkpoint={"every_steps": 3}, finetune=finetune)
     full = _finetune_config(tmp_path, "full", None, **settings)
     half = _finetune_config(tmp_path, "half", None, **settings)
     assert ptft("finetune", full).code == 0
@@ -198,6 +271,13 @@ def test_semi_supervised_finetune_composes_with_every_init(tmp_path, ptft, pretr
     assert logged and all(0 <= r["train/mask_rate"] <= 1 and r["train/unsup_loss"] >= 0 for r in logged)
 
 
+def test_distribution_alignment_without_unlabelled_data_is_refused_naming_both_keys(tmp_path, ptft):
+    config = _finetune_config(tmp_path, "run", None, finetune={"unlabelled": "none", "distribution_alignment": True})
+    result = ptft("finetune", config)
+    assert result.code == 2
+    assert "finetune.distribution_alignment, finetune.unlabelled" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unlabelled_loss_with_weight_0_is_refused_naming_both_keys(tmp_path, ptft):
     config = _finetune_config(tmp_path, "run", None, finetune={"unlabelled_weight": 0})
     result = ptft("finetune", config)
@@ -206,11 +286,12 @@ def test_unlabelled_loss_with_weight_0_is_refused_naming_both_keys(tmp_path, ptf
 
 
 @pytest.mark.slow  # two gloo processes: about 20 s of CPU
-def test_fixmatch_finetune_runs_under_torchrun_and_resumes_with_one_process(tmp_path, ptft):
+@pytest.mark.parametrize("finetune", RUNNING_ESTIMATES, ids=["fixed", "adaptive+aligned"])
+def test_fixmatch_finetune_runs_under_torchrun_and_resumes_with_one_process(tmp_path, ptft, finetune):
     from test_distributed import torchrun
 
     config = _finetune_config(tmp_path, "ddp", None, train={"max_steps": 6, "eval_every_steps": 3},
-                              checkpoint={"every_steps": 3})
+                              checkpoint={"every_steps": 3}, finetune=finetune)
     # Each rank takes half of the labelled and half of the unlabelled part of every batch.
     result = torchrun("finetune", config, "train.max_steps=3")
     assert result.code == 0, result.stderr

@@ -215,10 +215,14 @@ class FinetuneSection(_Section):
     are the targets on a strong view), pseudo_label (the same on the weak view), or none."""
     unlabelled_ratio: int = Field(7, ge=1)
     """Unlabelled examples per labelled one in a training batch (FixMatch's mu)."""
-    confidence_threshold: float = Field(0.95, gt=0, le=1)
-    """An unlabelled example trains only where the model's largest class probability reaches this."""
+    confidence_threshold: Annotated[float, Field(gt=0, le=1)] | Literal["adaptive"] = 0.95
+    """An unlabelled example trains only where the model's largest class probability reaches this; adaptive:
+    FreeMatch's per-class thresholds, which follow the model's own running confidence (start low, rise)."""
     unlabelled_weight: float = Field(1.0, ge=0)
     """Weight of the unlabelled loss beside the supervised one (FixMatch's lambda)."""
+    distribution_alignment: bool = False
+    """Rescale pseudo-label distributions so their running mean matches the labelled subset's class
+    frequencies (ReMixMatch): a class the model under-predicts is not starved of pseudo-labels."""
 
     @model_validator(mode="after")
     def _consistent_freezing(self) -> FinetuneSection:
@@ -227,6 +231,9 @@ class FinetuneSection(_Section):
         if self.unfreeze_at_step is not None and self.mode == "full" and not self.freeze:
             raise _conflict(("unfreeze_at_step", "freeze"),
                             "nothing is frozen to unfreeze (mode full, freeze empty); set freeze or mode linear_probe")
+        if self.distribution_alignment and self.unlabelled == "none":
+            raise _conflict(("distribution_alignment", "unlabelled"),
+                            "distribution alignment rescales pseudo-labels; set unlabelled: fixmatch or pseudo_label")
         if self.unlabelled != "none" and self.unlabelled_weight == 0:
             raise _conflict(("unlabelled", "unlabelled_weight"),
                             f"{self.unlabelled} with weight 0 learns nothing from unlabelled data; "

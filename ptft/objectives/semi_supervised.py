@@ -5,6 +5,8 @@ The training batch carries unlabelled examples with label -1 (ptft/data/mixed.py
   pseudo-label where its confidence reaches the threshold, and the model learns to predict it on
   a strongly augmented view of the same image;
 - pseudo-labelling (Lee 2013), the simple baseline: the same on the weak view alone.
+A pseudo-label counts where the teacher's confidence reaches a fixed threshold, or, with
+`finetune.confidence_threshold: adaptive`, FreeMatch's self-adaptive per-class one (AdaptiveThreshold).
 Validation batches hold no -1 labels, so val/loss is the supervised objective's own.
 """
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptft import distributed as dist
 from ptft.objectives.augment import Augment
 
 
@@ -50,37 +53,110 @@ def unlabelled_views(input_shape: tuple[int, int, int]) -> Views:
     return Views(weak, strong)
 
 
-def masked_pseudo_label_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                             threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_pseudo_label_loss(teacher_probs: torch.Tensor, student_logits: torch.Tensor,
+                             threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the student on the teacher's confident argmax classes.
 
     Args:
-        teacher_logits: (U, C) logits whose softmax gives the pseudo-labels (no gradient flows back).
+        teacher_probs: (U, C) class probabilities that give the pseudo-labels (no gradient flows back).
         student_logits: (U, C) logits that learn to predict them.
-        threshold: a pseudo-label counts where the teacher's largest probability is >= this.
+        threshold: a pseudo-label counts where the teacher's largest probability is >= this: one
+            number, or a (C,) tensor, one per class (the pseudo-label's).
     Returns:
         (loss, mask_rate): the cross-entropy summed over confident examples divided by U (so a
         confident few weigh little, as in FixMatch), and the fraction of confident examples.
     """
-    probs = teacher_logits.detach().float().softmax(1)
-    confidence, pseudo = probs.max(1)  # (U,) each
-    mask = (confidence >= threshold).float()
+    confidence, pseudo = teacher_probs.detach().max(1)  # (U,) each
+    bar = threshold[pseudo] if isinstance(threshold, torch.Tensor) else threshold
+    mask = (confidence >= bar).float()
     per_example = F.cross_entropy(student_logits.float(), pseudo, reduction="none")  # (U,)
     return (per_example * mask).mean(), mask.mean()
 
 
-def semi_supervised(supervised: nn.Module, finetune_cfg, input_shape: tuple[int, int, int]) -> nn.Module:
+# FreeMatch's momentum for its running confidence estimates (lambda in Wang et al. 2023).
+ADAPTIVE_MOMENTUM = 0.999
+
+
+class AdaptiveThreshold(nn.Module):
+    """FreeMatch's self-adaptive thresholds (Wang et al. 2023): each class's bar follows the model's own confidence.
+
+    A global level, the running mean of the teacher's top probability, starts at 1/C and rises as the
+    model grows confident: early on most pseudo-labels train, where a fixed 0.95 admits almost none for
+    hundreds of steps and the few labels alone shape the model. Class c's bar is that level times
+    p_c / max p, with p the running mean predicted distribution, so classes the model predicts less
+    often or less surely get a lower bar instead of being starved. The estimates are buffers:
+    checkpoints hold them and --resume continues them bitwise; under torchrun each step's batch
+    statistics are averaged over ranks first, so every rank keeps the same thresholds.
+
+    Args:
+        num_classes: C.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.register_buffer("level", torch.tensor(1.0 / num_classes))
+        self.register_buffer("class_probs", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def forward(self, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """Update the estimates with a batch's (U, C) teacher probabilities; returns the (C,) thresholds."""
+        batch = dist.average(torch.cat([teacher_probs.max(1).values.mean().view(1), teacher_probs.mean(0)]))
+        self.level.lerp_(batch[0], 1 - ADAPTIVE_MOMENTUM)
+        self.class_probs.lerp_(batch[1:], 1 - ADAPTIVE_MOMENTUM)
+        return self.level * self.class_probs / self.class_probs.max()
+
+
+class DistributionAlignment(nn.Module):
+    """ReMixMatch's distribution alignment (Berthelot et al. 2020): pseudo-labels follow the labels' class prior.
+
+    Each teacher distribution q becomes normalize(q * prior / running), where `running` is the
+    running mean of q over unlabelled batches. A class the model under-predicts (a cluster of 7s it
+    has come to call 2) is pushed up, so that mistake is not fed back as a confident pseudo-label
+    step after step. The running mean is a buffer (checkpoints hold it, --resume continues it),
+    averaged over ranks under torchrun; the prior is the labelled subset's class frequencies.
+
+    Args:
+        num_classes: C.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.register_buffer("running", torch.full((num_classes,), 1.0 / num_classes))
+        # Not saved: set from the labelled subset at every start (fit_prior), the same on resume.
+        self.register_buffer("prior", torch.full((num_classes,), 1.0 / num_classes), persistent=False)
+
+    def fit_prior(self, labels: torch.Tensor) -> None:
+        """The labelled subset's class frequencies (labels (N,) >= 0); an absent class keeps a tiny share."""
+        counts = torch.bincount(labels.cpu(), minlength=len(self.prior)).double().clamp_min(1e-3)
+        self.prior.copy_((counts / counts.sum()).to(self.prior))
+
+    @torch.no_grad()
+    def forward(self, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """(U, C) aligned distributions of (U, C) teacher probabilities; updates the running mean first."""
+        self.running.lerp_(dist.average(teacher_probs.mean(0)), 1 - ADAPTIVE_MOMENTUM)
+        aligned = teacher_probs * (self.prior / self.running)
+        return aligned / aligned.sum(1, keepdim=True)
+
+
+def semi_supervised(supervised: nn.Module, finetune_cfg, input_shape: tuple[int, int, int],
+                    num_classes: int) -> nn.Module:
     """The finetune's objective: `supervised` itself, or wrapped as `finetune.unlabelled` asks.
 
     Args:
         supervised: the config's supervised objective.
-        finetune_cfg: the `finetune` section (unlabelled, confidence_threshold, unlabelled_weight).
+        finetune_cfg: the `finetune` section (unlabelled, confidence_threshold, unlabelled_weight,
+            distribution_alignment).
         input_shape: (C, H, W) of the images, which sizes the views.
+        num_classes: C, which sizes adaptive thresholds and distribution alignment.
     """
     if finetune_cfg.unlabelled == "none":
         return supervised
+    threshold = finetune_cfg.confidence_threshold
+    if threshold == "adaptive":
+        threshold = AdaptiveThreshold(num_classes)
+    align = DistributionAlignment(num_classes) if finetune_cfg.distribution_alignment else None
     return SemiSupervised(supervised, finetune_cfg.unlabelled, unlabelled_views(input_shape),
-                          finetune_cfg.confidence_threshold, finetune_cfg.unlabelled_weight)
+                          threshold, finetune_cfg.unlabelled_weight, align)
 
 
 class SemiSupervised(nn.Module):
@@ -90,24 +166,30 @@ class SemiSupervised(nn.Module):
         supervised: the finetune's supervised objective (its augmentation applies to labelled examples).
         method: "fixmatch" or "pseudo_label".
         views: weak and strong augmentations of unlabelled images.
-        threshold: confidence a pseudo-label needs.
+        threshold: confidence a pseudo-label needs: a number, or an AdaptiveThreshold.
         weight: lambda, the unlabelled loss's weight.
+        align: distribution alignment of the pseudo-labels (None: none).
     """
 
     needs_labels = True
     eval_chunk_size = None  # validation is the supervised objective's
     train_logs = ("mask_rate", "unsup_loss")  # the loop records these of the logged step as train/<name>
 
-    def __init__(self, supervised: nn.Module, method: str, views: Views, threshold: float, weight: float):
+    def __init__(self, supervised: nn.Module, method: str, views: Views, threshold: float | AdaptiveThreshold,
+                 weight: float, align: DistributionAlignment | None = None):
         super().__init__()
         if method not in ("fixmatch", "pseudo_label"):
             raise ValueError(f"unknown semi-supervised method {method!r}")
         self.supervised = supervised
         self.method, self.views, self.threshold, self.weight = method, views, threshold, weight
+        self.align = align
 
 
     def fit_class_weights(self, labels: torch.Tensor) -> None:
-        """objective.class_weights of the labelled part: see Supervised.fit_class_weights."""
+        """objective.class_weights of the labelled part (see Supervised.fit_class_weights), and the class
+        prior that distribution alignment aims at."""
+        if self.align is not None:
+            self.align.fit_prior(labels)
         if hasattr(self.supervised, "fit_class_weights"):
             self.supervised.fit_class_weights(labels)
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -129,9 +211,14 @@ class SemiSupervised(nn.Module):
         """(loss, mask rate) on unlabelled images (U, C, H, W)."""
         weak = self.views.weak(x, generator)
         if self.method == "pseudo_label":
-            logits = model(weak)  # (U, C): one forward is both teacher (detached) and student
-            return masked_pseudo_label_loss(logits, logits, self.threshold)
-        strong = self.views.strong(x, generator)
-        with torch.no_grad():
-            teacher = model(weak)  # (U, C)
-        return masked_pseudo_label_loss(teacher, model(strong), self.threshold)
+            teacher = student = model(weak)  # (U, C): one forward is both teacher (detached) and student
+        else:
+            strong = self.views.strong(x, generator)
+            with torch.no_grad():
+                teacher = model(weak)  # (U, C)
+            student = model(strong)
+        probs = teacher.detach().float().softmax(1)
+        if self.align is not None:
+            probs = self.align(probs)
+        threshold = self.threshold(probs) if isinstance(self.threshold, AdaptiveThreshold) else self.threshold
+        return masked_pseudo_label_loss(probs, student, threshold)

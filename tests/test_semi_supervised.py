@@ -271,13 +271,6 @@ def test_semi_supervised_finetune_composes_with_every_init(tmp_path, ptft, pretr
     assert logged and all(0 <= r["train/mask_rate"] <= 1 and r["train/unsup_loss"] >= 0 for r in logged)
 
 
-def test_distribution_alignment_without_unlabelled_data_is_refused_naming_both_keys(tmp_path, ptft):
-    config = _finetune_config(tmp_path, "run", None, finetune={"unlabelled": "none", "distribution_alignment": True})
-    result = ptft("finetune", config)
-    assert result.code == 2
-    assert "finetune.distribution_alignment, finetune.unlabelled" in result.stderr and "Traceback" not in result.stderr
-
-
 def test_unlabelled_loss_with_weight_0_is_refused_naming_both_keys(tmp_path, ptft):
     config = _finetune_config(tmp_path, "run", None, finetune={"unlabelled_weight": 0})
     result = ptft("finetune", config)
@@ -317,10 +310,12 @@ def test_shipped_ssl_configs_run_end_to_end_with_only_data_overrides(tmp_path, p
     assert pretrained.code == 0, pretrained.stderr
     records = (tmp_path / "pre" / "metrics.jsonl").read_text()
     assert '"val/knn_acc"' in records
-    for name, init in [("ssl", pretrained.last_line), ("scratch", "null")]:
+    # The recipe, its from-scratch baseline, and its labels alone (the study's rows): each one override away.
+    for name, init, unlabelled in [("ssl", pretrained.last_line, "fixmatch"), ("scratch", "null", "fixmatch"),
+                                   ("labels", pretrained.last_line, "none")]:
         finetuned = ptft("finetune", REPO / "configs" / "ssl_finetune.yaml", *overrides, *short,
-                         f"init.checkpoint={init}", f"run.dir={tmp_path / name}")
+                         f"init.checkpoint={init}", f"finetune.unlabelled={unlabelled}", f"run.dir={tmp_path / name}")
         assert finetuned.code == 0, finetuned.stderr
-        assert '"train/mask_rate"' in (tmp_path / name / "metrics.jsonl").read_text()
+        assert ('"train/mask_rate"' in (tmp_path / name / "metrics.jsonl").read_text()) == (unlabelled != "none")
         metrics = json.loads(ptft("evaluate", finetuned.last_line).last_line)
         assert 0 <= metrics["accuracy"] <= 1

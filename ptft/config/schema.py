@@ -222,7 +222,8 @@ class FinetuneSection(_Section):
     """Weight of the unlabelled loss beside the supervised one (FixMatch's lambda)."""
     distribution_alignment: bool = False
     """Rescale pseudo-label distributions so their running mean matches the labelled subset's class
-    frequencies (ReMixMatch): a class the model under-predicts is not starved of pseudo-labels."""
+    frequencies (ReMixMatch): a class the model under-predicts is not starved of pseudo-labels. Like the
+    threshold, it has no effect with unlabelled: none, so a recipe's config can switch that alone."""
 
     @model_validator(mode="after")
     def _consistent_freezing(self) -> FinetuneSection:
@@ -231,9 +232,6 @@ class FinetuneSection(_Section):
         if self.unfreeze_at_step is not None and self.mode == "full" and not self.freeze:
             raise _conflict(("unfreeze_at_step", "freeze"),
                             "nothing is frozen to unfreeze (mode full, freeze empty); set freeze or mode linear_probe")
-        if self.distribution_alignment and self.unlabelled == "none":
-            raise _conflict(("distribution_alignment", "unlabelled"),
-                            "distribution alignment rescales pseudo-labels; set unlabelled: fixmatch or pseudo_label")
         if self.unlabelled != "none" and self.unlabelled_weight == 0:
             raise _conflict(("unlabelled", "unlabelled_weight"),
                             f"{self.unlabelled} with weight 0 learns nothing from unlabelled data; "

@@ -271,6 +271,15 @@ def test_semi_supervised_finetune_composes_with_every_init(tmp_path, ptft, pretr
     assert logged and all(0 <= r["train/mask_rate"] <= 1 and r["train/unsup_loss"] >= 0 for r in logged)
 
 
+@pytest.mark.parametrize("value", ["auto", "1.5"])
+def test_a_threshold_neither_a_probability_nor_adaptive_is_refused_naming_the_key(tmp_path, ptft, value):
+    config = _finetune_config(tmp_path, "run", None)
+    result = ptft("finetune", config, f"finetune.confidence_threshold={value}")
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert "finetune.confidence_threshold" in result.stderr and "'adaptive'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_unlabelled_loss_with_weight_0_is_refused_naming_both_keys(tmp_path, ptft):
     config = _finetune_config(tmp_path, "run", None, finetune={"unlabelled_weight": 0})
     result = ptft("finetune", config)

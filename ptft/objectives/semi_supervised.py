@@ -110,9 +110,9 @@ class DistributionAlignment(nn.Module):
     """ReMixMatch's distribution alignment (Berthelot et al. 2020): pseudo-labels follow the labels' class prior.
 
     Each teacher distribution q becomes normalize(q * prior / running), where `running` is the
-    running mean of q over unlabelled batches. A class the model under-predicts (a cluster of 7s it
-    has come to call 2) is pushed up, so that mistake is not fed back as a confident pseudo-label
-    step after step. The running mean is a buffer (checkpoints hold it, --resume continues it),
+    running mean of q over unlabelled batches. A class the model under-predicts is pushed up, so an
+    early bias against it is not fed back as confident pseudo-labels step after step (strongest with
+    one label per class). The running mean is a buffer (checkpoints hold it, --resume continues it),
     averaged over ranks under torchrun; the prior is the labelled subset's class frequencies.
 
     Args:

@@ -21,22 +21,16 @@ The issue's goal: at most +10% pretraining time at the default frequency on MNIS
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench_paths import write_report
-from ptft.assembly import build_run, build_tracker, build_train_parts
-from ptft.config import config_hash, load_config
-from ptft.engine import fit
-from ptft.meta import CheckpointMeta
-from ptft.runtime import resolve_device, seed_everything
+from bench_paths import alternating_rounds, machine_settings, timed_fit, write_report
+from ptft.config import load_config
+from ptft.runtime import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/ssl_pretrain.yaml"
@@ -100,23 +94,15 @@ def pretrain_config(args, variant: str, run_dir: Path):
 def time_pretraining(args, variant: str, device: torch.device, run_dir: Path) -> dict:
     """One pretraining: seconds of `fit`, seconds in the monitor, validations, and the k-NN bank's size."""
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    cfg = pretrain_config(args, variant, run_dir)
-    seed_everything(cfg.run.seed)
-    parts, settings = build_train_parts(build_run(cfg, device, stage="pretrain"))
-    bank = 0
-    if parts.knn is not None:
-        bank = len(parts.knn.bank.y)
-        parts.knn = TimedMonitor(parts.knn, clock, device)
-    run_dir.mkdir(parents=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = clock()
-    fit(parts, settings, run_dir, tracker=build_tracker(cfg),
-        meta_base=CheckpointMeta(stage="pretrain", config_hash=config_hash(cfg)))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = clock() - start
+
+    def time_the_monitor(parts) -> None:
+        if parts.knn is not None:
+            parts.knn = TimedMonitor(parts.knn, clock, device)
+
+    seconds, parts, settings = timed_fit(pretrain_config(args, variant, run_dir), "pretrain", device, clock, run_dir,
+                                         instrument=time_the_monitor)
     calls = parts.knn.seconds if parts.knn is not None else []
+    bank = len(parts.knn.monitor.bank.y) if parts.knn is not None else 0
     return {"seconds": round(seconds, 3), "monitor_seconds": round(sum(calls), 3), "validations": len(calls),
             "bank_size": bank, "eval_every_steps": settings.eval_every}
 
@@ -160,20 +146,16 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="ptft-bench-knn-") as tmp:
-        for round_ in range(args.rounds):
-            for variant in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-                note(f"round {round_}: pretraining {variant} the k-NN monitor ...")
-                result = time_pretraining(args, variant, device, Path(tmp) / f"{round_}-{variant}")
-                runs.append({"round": round_, "variant": variant, **result})
+    def run_one(variant: str, round_: int, run_dir: Path) -> dict:
+        note(f"round {round_}: pretraining {variant} the k-NN monitor ...")
+        return time_pretraining(args, variant, device, run_dir)
+
+    runs = alternating_rounds(("off", "on"), args.rounds, "ptft-bench-knn-", run_one)
     on = next(r for r in runs if r["variant"] == "on")
     report = {"command": " ".join(["scripts/bench_knn_monitor.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"config": CONFIG, "dataset": args.dataset, "steps": args.steps,
                            "eval_every_steps": on["eval_every_steps"], "bank_size": on["bank_size"],
-                           "rounds": args.rounds, "device": str(device), "threads": torch.get_num_threads(),
-                           "clock": args.clock, "torch": torch.__version__, "python": platform.python_version(),
-                           "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+                           "rounds": args.rounds, **machine_settings(device, args.clock)},
               "runs": runs, "summary": summarize(runs)}
     note(format_report(report))
     write_report(report, args.json)

@@ -11,8 +11,11 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
+import platform
 import resource
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -107,6 +110,57 @@ def write_report(report: dict, target: str | None) -> None:
         sys.stdout.write(text)
     elif target:
         Path(target).write_text(text)
+
+
+def timed_fit(cfg, stage: str, device: torch.device, clock, run_dir: Path, instrument=None):
+    """Build `stage`'s parts from `cfg` as `ptft pretrain|finetune` does and time `fit` alone (GPU work synced).
+
+    Args:
+        clock: time.perf_counter or time.process_time.
+        instrument: called with the parts before the clock starts (to wrap what the bench times inside).
+    Returns:
+        (seconds, parts, settings).
+    """
+    seed_everything(cfg.run.seed)
+    parts, settings = build_train_parts(build_run(cfg, device, stage=stage))
+    if instrument is not None:
+        instrument(parts)
+    run_dir.mkdir(parents=True)
+    _sync(device)
+    start = clock()
+    fit(parts, settings, run_dir, tracker=build_tracker(cfg),
+        meta_base=CheckpointMeta(stage=stage, config_hash=config_hash(cfg)))
+    _sync(device)
+    return clock() - start, parts, settings
+
+
+def alternating_rounds(variants: tuple[str, str], rounds: int, prefix: str, run_one, key: str = "variant") -> list[dict]:
+    """Each round runs both variants back to back, the order alternating between rounds (a/b, b/a, ...),
+    so each pair sees the same load and neither always runs on a warmer process.
+
+    Args:
+        run_one: (variant, round, run_dir) -> a dict of figures; run_dir is new, in a temporary folder.
+    Returns:
+        one dict per run: round, the variant (under `key`), then run_one's figures.
+    """
+    runs = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for round_ in range(rounds):
+            for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                result = run_one(variant, round_, Path(tmp) / f"{round_}-{variant}")
+                runs.append({"round": round_, key: variant, **result})
+    return runs
+
+
+def machine_settings(device: torch.device, clock: str) -> dict:
+    """Where a bench ran: the report's settings that every bench shares."""
+    return {"device": str(device), "threads": torch.get_num_threads(), "clock": clock, "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _current_rss() -> int:

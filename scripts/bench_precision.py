@@ -22,22 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench_paths import write_report
-from ptft.assembly import build_run, build_tracker, build_train_parts
-from ptft.config import config_hash, load_config
-from ptft.engine import fit
-from ptft.meta import CheckpointMeta
-from ptft.runtime import resolve_device, seed_everything
+from bench_paths import alternating_rounds, machine_settings, timed_fit, write_report
+from ptft.config import load_config
+from ptft.runtime import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/ssl_finetune.yaml"
@@ -71,21 +65,11 @@ def finetune_config(args, precision: str, run_dir: Path):
     return load_config(REPO / CONFIG, overrides)
 
 
-def time_finetune(args, precision: str, device: torch.device, run_dir: Path) -> dict:
+def time_finetune(args, precision: str, round_: int, device: torch.device, run_dir: Path) -> dict:
     """One finetune: seconds of `fit` and the validation accuracy it ended with."""
+    print(f"round {round_}: finetuning in {precision} ...", file=sys.stderr, flush=True)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    cfg = finetune_config(args, precision, run_dir)
-    seed_everything(cfg.run.seed)
-    parts, settings = build_train_parts(build_run(cfg, device, stage="finetune"))
-    run_dir.mkdir(parents=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = clock()
-    fit(parts, settings, run_dir, tracker=build_tracker(cfg),
-        meta_base=CheckpointMeta(stage="finetune", config_hash=config_hash(cfg)))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = clock() - start
+    seconds, _, _ = timed_fit(finetune_config(args, precision, run_dir), "finetune", device, clock, run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val_acc = next(r["val/acc"] for r in reversed(records) if "val/acc" in r)
     return {"seconds": round(seconds, 3), "ms_per_step": round(1000 * seconds / args.steps, 2),
@@ -120,18 +104,12 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="ptft-bench-precision-") as tmp:
-        for round_ in range(args.rounds):
-            for precision in PRECISIONS if round_ % 2 == 0 else PRECISIONS[::-1]:
-                print(f"round {round_}: finetuning in {precision} ...", file=sys.stderr, flush=True)
-                result = time_finetune(args, precision, device, Path(tmp) / f"{round_}-{precision}")
-                runs.append({"round": round_, "precision": precision, **result})
+    runs = alternating_rounds(PRECISIONS, args.rounds, "ptft-bench-precision-", key="precision",
+                              run_one=lambda precision, round_, run_dir: time_finetune(args, precision, round_, device,
+                                                                                     run_dir))
     report = {"command": " ".join(["scripts/bench_precision.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"config": CONFIG, "dataset": args.dataset, "steps": args.steps, "rounds": args.rounds,
-                           "device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
-                           "torch": torch.__version__, "python": platform.python_version(),
-                           "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+                           **machine_settings(device, args.clock)},
               "runs": runs, "summary": summarize(runs)}
     print(format_report(report), file=sys.stderr, flush=True)
     write_report(report, args.json)

@@ -23,7 +23,8 @@ configs/ssl_finetune.yaml's finetune, with and without semi-supervised learning 
 unlabelled train split. Rows: scratch, scratch + fixmatch, each pretraining, each pretraining +
 fixmatch; columns: dataset x labels per class. `--val-per-class` repeats every finetune with a
 validation split of as many labels per class as the budget (`data.val_labels_per_class`), which
-is what a user with that budget would really have, next to the generous 10% split.
+is what a user with that budget would really have, next to the generous 10% split
+(`--val-per-class only`: that split alone).
 
     python scripts/label_efficiency.py --datasets digits,mnist,fashion_mnist --data-root ../shared/data
 
@@ -152,8 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--select", choices=[*SELECTIONS, "both"],
                         help="--datasets: finetune from the pretraining checkpoint with the best val/knn_acc "
                              "(knn, the default), the lowest val/loss (loss), or from each (both: a row apiece)")
-    parser.add_argument("--val-per-class", action="store_true",
-                        help="also finetune with a validation split of as many labels per class as the budget")
+    parser.add_argument("--val-per-class", nargs="?", const="also", choices=["also", "only"],
+                        help="also (the default when given) or only finetune with a validation split of as many "
+                             "labels per class as the budget, instead of 10%% of the train split")
     parser.add_argument("--out", type=Path, help="results folder (default: results/label_efficiency/DATASET "
                                                  "or .../cross_dataset)")
     parser.add_argument("--work", type=Path, help="run directories (default: runs/label_efficiency/DATASET)")
@@ -299,7 +301,7 @@ def finetune_accuracy(args: argparse.Namespace, run: Finetune, init: str | None)
 def finetunes_from(args: argparse.Namespace, dataset: str, pretrain: str | None,
                    select: str | None = None) -> list[Finetune]:
     """Every finetune of `dataset` that starts from `pretrain`'s `select`ed checkpoint (None: from scratch)."""
-    variants = [False, True] if args.val_per_class else [False]
+    variants = {None: [False], "also": [False, True], "only": [True]}[args.val_per_class]
     return [Finetune(dataset, recipe, budget, seed, val) for recipe in args.recipes
             if recipe.pretrain == pretrain and recipe.select == select
             for val in variants for budget in args.budgets for seed in args.seeds]

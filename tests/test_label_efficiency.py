@@ -114,6 +114,16 @@ def test_quick_cross_dataset_study_has_a_column_per_dataset_and_budget(tmp_path)
     assert plain["finetune"]["unlabelled"] == "none" and plain["data"]["val_labels_per_class"] is None
 
 
+@pytest.mark.parametrize("flag, rows", [
+    ([], ["scratch"]),
+    (["--val-per-class"], ["scratch", "scratch, val = budget"]),
+    (["--val-per-class", "only"], ["scratch, val = budget"])])
+def test_val_per_class_adds_or_replaces_the_ten_percent_split(script, flag, rows):
+    args = script.parse_args(["--datasets", "digits", "--methods", "scratch", "--budgets", "5", "--seeds", "0", *flag])
+    runs = script.finetunes_from(args, "digits", None)
+    assert [run.row for run in runs] == rows and {run.budget for run in runs} == {5}
+
+
 def test_cross_table_puts_datasets_side_by_side_and_marks_missing_runs(script):
     table = script.cross_table({"digits": [("scratch", 1, 0.5, 0.0), ("vicreg", 1, 0.75, 0.05)],
                                 "mnist": [("scratch", 1, 0.25, 0.0)]}, [1], [0])

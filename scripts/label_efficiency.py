@@ -34,6 +34,11 @@ the best `val/knn_acc` (knn, the shipped config's choice), the one with the lowe
 row naming its selection, and the table's footnote the step each selection picked.
 
     python scripts/label_efficiency.py --datasets digits --select both --methods scratch contrastive
+
+Studies run in parts (one dataset or budget at a time) become one table and plot with `--combine`,
+which runs nothing: it reads their raw.json files and writes the combined table.md, plot.png and raw.json.
+
+    python scripts/label_efficiency.py --combine results/a/raw.json results/b/raw.json --out results/ab
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ CROSS_DATASETS = ["digits", "mnist", "fashion_mnist"]
 CROSS_PRETRAININGS = {"contrastive": ["objective.name=contrastive", "objective.temperature=0.5"],
                       "vicreg": ["objective.name=vicreg"]}
 SEMI = "fixmatch"
+VAL_BUDGET_SUFFIX = ", val = budget"  # a row's twin validated on as many labels per class as the budget
 
 
 def cross_study(dataset: str) -> Study:
@@ -163,7 +169,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs at once, one thread each (default: 2, or 1 on a 1-core machine)")
     parser.add_argument("--quick", action="store_true", help="2 steps per stage: a smoke test, not a measurement")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="RAW_JSON",
+                        help="run nothing: write one table and plot of the runs in these studies' raw.json "
+                             "files into --out")
     args = parser.parse_args(argv)
+    if args.combine:
+        if not args.out:
+            parser.error("--combine: give --out, the folder for the combined table, plot and raw.json")
+        return args
     if args.budgets and min(args.budgets) < 1:
         parser.error(f"--budgets: labels per class must be >= 1, got {args.budgets}")
     if args.jobs < 1:
@@ -252,7 +265,7 @@ class Finetune:
 
     @property
     def row(self) -> str:
-        return self.recipe.row + (", val = budget" if self.val_per_class else "")
+        return self.recipe.row + (VAL_BUDGET_SUFFIX if self.val_per_class else "")
 
 
 def dataset_work(args: argparse.Namespace, dataset: str) -> Path:
@@ -354,7 +367,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
 
 def sort_records(args: argparse.Namespace, records: list[dict]) -> list[dict]:
     """Records by dataset, then row (the recipes' order, each before its val = budget twin), budget, seed."""
-    rows = [f"{r.row}{suffix}" for r in args.recipes for suffix in ("", ", val = budget")]
+    rows = [f"{r.row}{suffix}" for r in args.recipes for suffix in ("", VAL_BUDGET_SUFFIX)]
     datasets = list(args.studies)
     return sorted(records, key=lambda r: (datasets.index(r["dataset"]), rows.index(r["method"]),
                                           r["labels_per_class"], r["seed"]))
@@ -387,12 +400,15 @@ def markdown_table(rows: list[tuple[str, int, float, float]], budgets: list[int]
 
 
 def cross_table(rows_by_dataset: dict[str | None, list[tuple[str, int, float, float]]], budgets: list[int],
-                seeds: list[int]) -> str:
-    """Methods as rows, (dataset,) labels per class as columns; a run that did not happen is '-'."""
+                seeds: list[int], methods: list[str] | None = None) -> str:
+    """Methods as rows (`methods`' order, default: as they come), (dataset,) labels per class as columns; a run
+    that did not happen is '-'."""
     cells = {(dataset, method, budget): f"{100 * mean:.1f} ± {100 * std:.1f}"
              for dataset, rows in rows_by_dataset.items() for method, budget, mean, std in rows}
-    methods = list(dict.fromkeys(method for rows in rows_by_dataset.values() for method, *_ in rows))
-    columns = [(dataset, budget) for dataset in rows_by_dataset for budget in budgets]
+    methods = methods or list(dict.fromkeys(method for rows in rows_by_dataset.values() for method, *_ in rows))
+    # A budget a dataset was not run at is no column of it (datasets may differ in budgets).
+    columns = [(dataset, budget) for dataset in rows_by_dataset for budget in budgets
+               if any((dataset, method, budget) in cells for method in methods)]
     header = [str(b) if d is None else f"{d} {b}" for d, b in columns]
     lines = [f"Test accuracy (%), mean ± std over {_seeds_text(seeds)}, by labels per class:", "",
              "| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
@@ -442,9 +458,14 @@ def _draw(ax, rows: Iterable[tuple[str, int, float, float]], title: str) -> None
     by_method: dict[str, list[tuple[int, float, float]]] = {}
     for method, labels_per_class, mean, std in rows:
         by_method.setdefault(method, []).append((labels_per_class, mean, std))
+    colours = {}
     for method, points in by_method.items():
         budgets, means, stds = zip(*sorted(points))
-        ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method)
+        # A val = budget row is dashed, in its recipe's colour.
+        base, twin = method.removesuffix(VAL_BUDGET_SUFFIX), method.endswith(VAL_BUDGET_SUFFIX)
+        line = ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method, color=colours.get(base),
+                           linestyle="--" if twin else "-")
+        colours.setdefault(base, line.lines[0].get_color())
     ax.set_xscale("log")
     ax.set_xticks(sorted({budget for points in by_method.values() for budget, _, _ in points}))
     # Label exactly the budgets measured, as plain numbers, not log-axis minor ticks in 10^x form.
@@ -485,8 +506,64 @@ def save_cross_plot(rows_by_dataset: dict[str, list[tuple[str, int, float, float
     _save(fig, path)
 
 
+def combine_results(sources: list[Path], out: Path) -> str:
+    """One table, plot and raw.json in `out` of the runs that several studies recorded (their raw.json files):
+    datasets side by side, each with the budgets it was run at, rows in the studies' order.
+
+    Raises:
+        ValueError: a file that is no study's raw.json, the same run in two files, or cells over different seeds.
+    """
+    raws = []
+    for path in sources:
+        try:
+            raws.append((path, json.loads(path.read_text())["runs"]))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--combine: {path} is not a raw.json that label_efficiency.py wrote ({error})") from None
+    records, seen = [], set()
+    for path, runs in raws:
+        for run in runs:
+            key = (run["dataset"], run["method"], run["labels_per_class"], run["seed"])
+            if key in seen:
+                raise ValueError(f"--combine: {path} repeats a run another file holds: {key}")
+            seen.add(key)
+            records.append(run)
+    seeds_per_cell = {}
+    for run in records:
+        seeds_per_cell.setdefault((run["dataset"], run["method"], run["labels_per_class"]), set()).add(run["seed"])
+    seed_sets = {tuple(sorted(seeds)) for seeds in seeds_per_cell.values()}
+    if len(seed_sets) != 1:
+        raise ValueError(f"--combine: the cells are over different seeds {sorted(seed_sets)}; one table states one set")
+    def position(name: str, known: list[str]) -> tuple[int, str]:  # known names in the study's order, others after
+        return (known.index(name) if name in known else len(known), name)
+
+    datasets = sorted({run["dataset"] for run in records}, key=lambda d: position(d, CROSS_DATASETS))
+    rows = [f"{name}{suffix}" for name in dict.fromkeys(CROSS_METHODS + METHODS)
+            for suffix in ("", VAL_BUDGET_SUFFIX)]
+    records.sort(key=lambda r: (datasets.index(r["dataset"]), position(r["method"], rows), r["labels_per_class"],
+                                r["seed"]))
+    rows_by_dataset = {dataset: summarize([r for r in records if r["dataset"] == dataset]) for dataset in datasets}
+    methods = sorted({r["method"] for r in records}, key=lambda m: position(m, rows))
+    out.mkdir(parents=True, exist_ok=True)
+    table = cross_table(rows_by_dataset, sorted({r["labels_per_class"] for r in records}), list(seed_sets.pop()),
+                        methods)
+    (out / "table.md").write_text(table)
+    save_cross_plot(rows_by_dataset, out / "plot.png")
+    raw = {"datasets": datasets, "command": " ".join(["python", *sys.argv]), "combined": [str(p) for p in sources],
+           "runs": records}
+    (out / "raw.json").write_text(json.dumps(raw, indent=1) + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.combine:
+        try:
+            table = combine_results(args.combine, args.out)
+        except ValueError as error:
+            note(f"error: {error}")
+            raise SystemExit(2) from None
+        print(table, end="")
+        return
     start = time.monotonic()
     records, pretrainings = run_study(args)
     wall = time.monotonic() - start

@@ -179,3 +179,50 @@ def test_quick_study_with_select_both_finetunes_from_each_pretraining_checkpoint
         meta = json.loads((work / "digits" / folder / "labels2-seed0" / "checkpoints" / "last" / "meta.json")
                           .read_text())
         assert meta["parent"]["path"].startswith(str(work / "digits" / folder / "pretrain"))
+
+
+def _study_raw(path, runs):
+    path.write_text(json.dumps({"datasets": sorted({r[0] for r in runs}), "runs": [
+        {"dataset": d, "method": m, "labels_per_class": b, "seed": s, "accuracy": a, "seconds": 1.0}
+        for d, m, b, s, a in runs]}))
+    return path
+
+
+def test_combine_puts_several_studies_in_one_table_with_each_datasets_own_budgets(tmp_path):
+    first = _study_raw(tmp_path / "a.json", [("mnist", "scratch+fixmatch", 10, s, 0.9) for s in (0, 1)]
+                       + [("mnist", "scratch", 10, s, 0.5 + 0.1 * s) for s in (0, 1)])
+    second = _study_raw(tmp_path / "b.json", [("fashion_mnist", "scratch", 100, s, 0.8) for s in (0, 1)]
+                        + [("mnist", "scratch, val = budget", 10, s, 0.7) for s in (0, 1)]
+                        + [("digits", "scratch", 5, s, 0.6) for s in (0, 1)])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(first), str(second), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (out / "table.md").read_text()
+    assert proc.stdout == table and table.startswith("Test accuracy (%), mean ± std over 2 seeds (0, 1)")
+    # Datasets in the study's order, only the budgets each was run at; each row before its val = budget twin.
+    assert table.splitlines()[2:] == [
+        "| method | digits 5 | mnist 10 | fashion_mnist 100 |", "|---|---:|---:|---:|",
+        "| scratch | 60.0 ± 0.0 | 55.0 ± 5.0 | 80.0 ± 0.0 |",
+        "| scratch, val = budget | - | 70.0 ± 0.0 | - |",
+        "| scratch+fixmatch | - | 90.0 ± 0.0 | - |"]
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = json.loads((out / "raw.json").read_text())
+    assert raw["combined"] == [str(first), str(second)] and len(raw["runs"]) == 10
+
+
+@pytest.mark.parametrize("case, message", [
+    ("repeated", "repeats a run another file holds"),
+    ("missing", "is not a raw.json that label_efficiency.py wrote"),
+    ("seeds", "the cells are over different seeds")])
+def test_combine_refuses_repeated_runs_unreadable_files_and_mixed_seeds(tmp_path, case, message):
+    first = _study_raw(tmp_path / "a.json", [("mnist", "scratch", 10, 0, 0.5), ("mnist", "scratch", 10, 1, 0.5)])
+    second = {"repeated": lambda: _study_raw(tmp_path / "b.json", [("mnist", "scratch", 10, 1, 0.6)]),
+              "missing": lambda: tmp_path / "absent.json",
+              "seeds": lambda: _study_raw(tmp_path / "b.json", [("mnist", "scratch", 100, 0, 0.9)])}[case]()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--combine", str(first), str(second), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert case == "seeds" or str(second) in proc.stderr  # names the file at fault
+    assert not out.exists()

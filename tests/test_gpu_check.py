@@ -7,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+# A minute of process starts (ten ptft runs, torchrun among them): behind `slow`, which is run before
+# every landing (`scripts/test.sh -m slow`), so the default run stays within its five minutes.
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_check_and_writes_its_figures(tmp_path):
     env = {**os.environ, "PY": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],

@@ -79,8 +79,10 @@ def build_run(cfg: Config, device: torch.device, *, stage: str) -> Run:
     train_split = data.labelled if objective.needs_labels else data.unlabelled
     if objective.needs_labels:
         note_class_counts(torch.bincount(train_split.y.cpu(), minlength=data.num_classes).tolist(), data.class_names)
-    if hasattr(objective, "fit_class_weights"):  # objective.class_weights: balanced counts the labelled subset
-        objective.fit_class_weights(train_split.y)
+    # What an objective sets from the labelled subset before training: balanced class weights, the prior of
+    # distribution alignment.
+    if hasattr(objective, "fit_to_labels"):
+        objective.fit_to_labels(train_split.y)
     return Run(cfg, device, stage, plan, data, model, objective, train_split)
 
 

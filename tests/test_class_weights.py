@@ -53,7 +53,7 @@ def train_and_score(class_weights, steps: int = 300, sampler: str = "random") ->
     torch.manual_seed(0)
     model, objective = supervised(2, class_weights=class_weights)
     x, y = imbalanced_blobs([1000, 100], seed=1)
-    objective.fit_class_weights(y)
+    objective.fit_to_labels(y)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     generator = torch.Generator().manual_seed(0)
     order = torch.Generator().manual_seed(2)
@@ -92,7 +92,7 @@ def test_balanced_weights_raise_macro_f1_on_a_10_to_1_imbalance(one_thread):
 
 def test_balanced_weights_are_n_over_classes_times_class_count():
     _, objective = supervised(3, class_weights="balanced")
-    objective.fit_class_weights(torch.tensor([0] * 60 + [1] * 30 + [2] * 10))
+    objective.fit_to_labels(torch.tensor([0] * 60 + [1] * 30 + [2] * 10))
     expected = torch.tensor([100 / (3 * 60), 100 / (3 * 30), 100 / (3 * 10)])
     torch.testing.assert_close(objective.class_weight, expected)
 
@@ -117,7 +117,7 @@ def test_weighted_validation_uses_a_fixed_chunk_size_and_plain_does_not():
 def test_fitting_is_a_no_op_without_balanced_weights():
     for weights in (None, [1.0, 2.0, 3.0]):
         _, objective = supervised(3, class_weights=weights)
-        objective.fit_class_weights(torch.tensor([0, 0, 0, 1]))
+        objective.fit_to_labels(torch.tensor([0, 0, 0, 1]))
         expected = None if weights is None else torch.tensor(weights)
         assert (objective.class_weight is None) if expected is None else torch.equal(objective.class_weight, expected)
 
@@ -142,12 +142,12 @@ def test_a_weight_list_needs_one_positive_weight_per_class(weights, expected):
 def test_balanced_needs_every_class_in_the_labelled_subset():
     _, objective = supervised(4, class_weights="balanced")
     with pytest.raises(UserError, match=r"objective\.class_weights: 'balanced' .* class\(es\) 1, 3 have none"):
-        objective.fit_class_weights(torch.tensor([0, 0, 2]))
+        objective.fit_to_labels(torch.tensor([0, 0, 2]))
 
 
 def test_balanced_weights_used_before_fitting_are_an_internal_error():
     model, objective = supervised(3, class_weights="balanced")
-    with pytest.raises(RuntimeError, match="fit_class_weights"):
+    with pytest.raises(RuntimeError, match="fit_to_labels"):
         objective(model, torch.zeros(2, *SHAPE), torch.tensor([0, 1]), torch.Generator())
 
 

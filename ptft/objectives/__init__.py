@@ -224,7 +224,7 @@ def supervised(model, input_shape: tuple[int, int, int], *, label_smoothing: flo
     _require_model("supervised", model, ("classifier",))
     _require(0 <= label_smoothing < 1, "label_smoothing", "a value in [0, 1)", label_smoothing)
     augment = _augment(input_shape, crop_scale, crop_ratio, max_rotation, max_shift, noise_std, cutout, flip)
-    # class_weights: "balanced" is set from the labelled subset by Supervised.fit_class_weights;
+    # class_weights: "balanced" is set from the labelled subset by Supervised.fit_to_labels;
     # a list is checked here against the classifier's outputs (known only once the model is built).
     return Supervised(label_smoothing, augment if augment.changes_images else None, class_weights,
                       model.head.out_features)

@@ -184,13 +184,13 @@ class SemiSupervised(nn.Module):
         self.method, self.views, self.threshold, self.weight = method, views, threshold, weight
         self.align = align
 
-    def fit_class_weights(self, labels: torch.Tensor) -> None:
-        """objective.class_weights of the labelled part (see Supervised.fit_class_weights), and the class
+    def fit_to_labels(self, labels: torch.Tensor) -> None:
+        """objective.class_weights of the labelled part (see Supervised.fit_to_labels), and the class
         prior that distribution alignment aims at."""
         if self.align is not None:
             self.align.fit_prior(labels)
-        if hasattr(self.supervised, "fit_class_weights"):
-            self.supervised.fit_class_weights(labels)
+        if hasattr(self.supervised, "fit_to_labels"):
+            self.supervised.fit_to_labels(labels)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ class Supervised(nn.Module):
         label_smoothing: weight moved from the true class to a uniform target, in [0, 1).
         augment: draws a random view of each training batch; None trains on the images as they are.
         class_weights: None (every example counts alike), "balanced" (n / (C * n_c) from the labels
-            passed to `fit_class_weights`) or one positive weight per class. Accuracy stays unweighted.
+            passed to `fit_to_labels`) or one positive weight per class. Accuracy stays unweighted.
         num_classes: C, the classifier's number of outputs (checks a weight list against it).
     Raises:
         UserError: a weight list of the wrong length or with a weight that is not positive.
@@ -46,7 +46,7 @@ class Supervised(nn.Module):
         # Unweighted: per-example means, any batching agrees; validation draws nothing.
         self.eval_chunk_size = None if class_weights is None else EVAL_CHUNK_SIZE
 
-    def fit_class_weights(self, labels: torch.Tensor) -> None:
+    def fit_to_labels(self, labels: torch.Tensor) -> None:
         """With "balanced" weights, set them from the training labels (N,); otherwise do nothing.
 
         Raises:
@@ -58,7 +58,7 @@ class Supervised(nn.Module):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.balanced and self.class_weight is None:
-            raise RuntimeError("Supervised(class_weights='balanced'): call fit_class_weights(labels) with the "
+            raise RuntimeError("Supervised(class_weights='balanced'): call fit_to_labels(labels) with the "
                                "labelled subset before the first forward")
         # Only while training: validation loss picks the best checkpoint and must see real images.
         if self.augment is not None and self.training:

@@ -506,6 +506,36 @@ def save_cross_plot(rows_by_dataset: dict[str, list[tuple[str, int, float, float
     _save(fig, path)
 
 
+RUN_KEYS = ("dataset", "method", "labels_per_class", "seed", "accuracy")  # what a raw.json run must hold
+
+
+def read_study_runs(sources: list[Path]) -> list[dict]:
+    """The runs recorded in studies' raw.json files, each at most once.
+
+    Raises:
+        ValueError: a file that is no study's raw.json, or the same run in two files (both name the file).
+    """
+    records, seen = [], set()
+    for path in sources:
+        try:
+            runs = json.loads(path.read_text())["runs"]
+            cells = [tuple(run[key] for key in RUN_KEYS) for run in runs]  # (dataset, method, budget, seed, acc)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--combine: {path} is not a raw.json that label_efficiency.py wrote ({error})") from None
+        for cell, run in zip(cells, runs):
+            key = cell[:4]
+            if key in seen:
+                raise ValueError(f"--combine: {path} repeats a run another file holds: {key}")
+            seen.add(key)
+            records.append(run)
+    return records
+
+
+def _position(name: str, known: list[str]) -> tuple[int, str]:
+    """Sort key: names in `known`'s order, any others after them by name."""
+    return (known.index(name) if name in known else len(known), name)
+
+
 def combine_results(sources: list[Path], out: Path) -> str:
     """One table, plot and raw.json in `out` of the runs that several studies recorded (their raw.json files):
     datasets side by side, each with the budgets it was run at, rows in the studies' order.
@@ -513,39 +543,24 @@ def combine_results(sources: list[Path], out: Path) -> str:
     Raises:
         ValueError: a file that is no study's raw.json, the same run in two files, or cells over different seeds.
     """
-    raws = []
-    for path in sources:
-        try:
-            raws.append((path, json.loads(path.read_text())["runs"]))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"--combine: {path} is not a raw.json that label_efficiency.py wrote ({error})") from None
-    records, seen = [], set()
-    for path, runs in raws:
-        for run in runs:
-            key = (run["dataset"], run["method"], run["labels_per_class"], run["seed"])
-            if key in seen:
-                raise ValueError(f"--combine: {path} repeats a run another file holds: {key}")
-            seen.add(key)
-            records.append(run)
+    records = read_study_runs(sources)
     seeds_per_cell = {}
     for run in records:
         seeds_per_cell.setdefault((run["dataset"], run["method"], run["labels_per_class"]), set()).add(run["seed"])
     seed_sets = {tuple(sorted(seeds)) for seeds in seeds_per_cell.values()}
     if len(seed_sets) != 1:
         raise ValueError(f"--combine: the cells are over different seeds {sorted(seed_sets)}; one table states one set")
-    def position(name: str, known: list[str]) -> tuple[int, str]:  # known names in the study's order, others after
-        return (known.index(name) if name in known else len(known), name)
-
-    datasets = sorted({run["dataset"] for run in records}, key=lambda d: position(d, CROSS_DATASETS))
+    datasets = sorted({run["dataset"] for run in records}, key=lambda d: _position(d, CROSS_DATASETS))
     rows = [f"{name}{suffix}" for name in dict.fromkeys(CROSS_METHODS + METHODS)
             for suffix in ("", VAL_BUDGET_SUFFIX)]
-    records.sort(key=lambda r: (datasets.index(r["dataset"]), position(r["method"], rows), r["labels_per_class"],
+    records.sort(key=lambda r: (datasets.index(r["dataset"]), _position(r["method"], rows), r["labels_per_class"],
                                 r["seed"]))
     rows_by_dataset = {dataset: summarize([r for r in records if r["dataset"] == dataset]) for dataset in datasets}
-    methods = sorted({r["method"] for r in records}, key=lambda m: position(m, rows))
-    out.mkdir(parents=True, exist_ok=True)
+    # One order for every dataset's rows: a row only one dataset has still sits beside its recipe.
+    methods = sorted({r["method"] for r in records}, key=lambda m: _position(m, rows))
     table = cross_table(rows_by_dataset, sorted({r["labels_per_class"] for r in records}), list(seed_sets.pop()),
                         methods)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table)
     save_cross_plot(rows_by_dataset, out / "plot.png")
     raw = {"datasets": datasets, "command": " ".join(["python", *sys.argv]), "combined": [str(p) for p in sources],

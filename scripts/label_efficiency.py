@@ -117,8 +117,12 @@ METHODS = [SCRATCH, "reconstruction", "denoising", "masked", "contrastive"]
 
 # The cross-dataset study: one recipe for every dataset, only data.* differs.
 CROSS_DATASETS = ["digits", "mnist", "fashion_mnist"]
+# Denoising needs a decoder: the conv autoencoder of ssl_pretrain.yaml's encoder. Naming another model
+# starts its options afresh, so the widths are restated (the finetune loads the encoder.* keys).
 CROSS_PRETRAININGS = {"contrastive": ["objective.name=contrastive", "objective.temperature=0.5"],
-                      "vicreg": ["objective.name=vicreg"]}
+                      "vicreg": ["objective.name=vicreg"],
+                      "denoising": ["model.name=conv_autoencoder", "model.channels=[32,64,128]", "model.latent=128",
+                                    "objective.name=denoising"]}
 SEMI = "fixmatch"
 VAL_BUDGET_SUFFIX = ", val = budget"  # a row's twin validated on as many labels per class as the budget
 

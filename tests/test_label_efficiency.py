@@ -114,6 +114,31 @@ def test_quick_cross_dataset_study_has_a_column_per_dataset_and_budget(tmp_path)
     assert plain["finetune"]["unlabelled"] == "none" and plain["data"]["val_labels_per_class"] is None
 
 
+def test_denoising_pretraining_restates_ssl_pretrain_encoder_widths(script):
+    # Naming conv_autoencoder drops ssl_pretrain.yaml's model options, so the study restates them: they must
+    # stay the ones the finetune's conv_classifier (and every other pretraining) is built with.
+    shipped = yaml.safe_load((REPO / "configs" / "ssl_pretrain.yaml").read_text())["model"]
+    overrides = dict(o.split("=", 1) for o in script.CROSS_PRETRAININGS["denoising"])
+    assert yaml.safe_load(overrides["model.channels"]) == shipped["channels"]
+    assert int(overrides["model.latent"]) == shipped["latent"]
+
+
+def test_quick_denoising_study_finetunes_the_autoencoders_encoder(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--datasets", "digits", "--methods", "denoising+fixmatch",
+         "--budgets", "2", "--seeds", "0", "--quick", "--out", str(out), "--work", str(work)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pretrained = yaml.safe_load((work / "digits" / "denoising" / "pretrain" / "config.yaml").read_text())
+    assert pretrained["model"]["name"] == "conv_autoencoder" and pretrained["objective"]["name"] == "denoising"
+    finetune = work / "digits" / "denoising+fixmatch" / "labels2-seed0"
+    assert yaml.safe_load((finetune / "config.yaml").read_text())["model"]["name"] == "conv_classifier"
+    meta = json.loads((finetune / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["parent"]["path"].startswith(str(work / "digits" / "denoising" / "pretrain"))
+    assert json.loads((out / "raw.json").read_text())["runs"][0]["method"] == "denoising+fixmatch"
+
+
 @pytest.mark.parametrize("flag, rows", [
     ([], ["scratch"]),
     (["--val-per-class"], ["scratch", "scratch, val = budget"]),

@@ -117,21 +117,22 @@ METHODS = [SCRATCH, "reconstruction", "denoising", "masked", "contrastive"]
 
 # The cross-dataset study: one recipe for every dataset, only data.* differs.
 CROSS_DATASETS = ["digits", "mnist", "fashion_mnist"]
-# Denoising needs a decoder: the conv autoencoder of ssl_pretrain.yaml's encoder. Naming another model
-# starts its options afresh, so the widths are restated (the finetune loads the encoder.* keys).
-CROSS_PRETRAININGS = {"contrastive": ["objective.name=contrastive", "objective.temperature=0.5"],
-                      "vicreg": ["objective.name=vicreg"],
-                      "denoising": ["model.name=conv_autoencoder", "model.channels=[32,64,128]", "model.latent=128",
-                                    "objective.name=denoising"]}
+# Each label-free pretraining: its config and overrides (denoising needs a decoder: its own config's autoencoder).
+CROSS_PRETRAININGS = {
+    "contrastive": ("configs/ssl_pretrain.yaml", ["objective.name=contrastive", "objective.temperature=0.5"]),
+    "vicreg": ("configs/ssl_pretrain.yaml", ["objective.name=vicreg"]),
+    "denoising": ("configs/ssl_pretrain_denoising.yaml", []),
+}
 SEMI = "fixmatch"
 VAL_BUDGET_SUFFIX = ", val = budget"  # a row's twin validated on as many labels per class as the budget
 
 
 def cross_study(dataset: str) -> Study:
-    """configs/ssl_pretrain.yaml once per objective, configs/ssl_finetune.yaml for every row."""
+    """Each pretraining of CROSS_PRETRAININGS once, configs/ssl_finetune.yaml for every row."""
     return Study(finetune="configs/ssl_finetune.yaml",
-                 pretrain={name: "configs/ssl_pretrain.yaml" for name in CROSS_PRETRAININGS},
-                 pretrain_overrides=CROSS_PRETRAININGS, budgets=[1, 10, 100], data=[f"data.name={dataset}"])
+                 pretrain={name: config for name, (config, _) in CROSS_PRETRAININGS.items()},
+                 pretrain_overrides={name: overrides for name, (_, overrides) in CROSS_PRETRAININGS.items()},
+                 budgets=[1, 10, 100], data=[f"data.name={dataset}"])
 
 
 def cross_recipes() -> list[Recipe]:

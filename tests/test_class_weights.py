@@ -74,16 +74,6 @@ def train_and_score(class_weights, steps: int = 300, sampler: str = "random") ->
     return f1_score(test_y.numpy(), predictions.numpy(), average="macro")
 
 
-@pytest.fixture
-def one_thread():
-    # 600 steps of a 2x2 linear layer: on a shared machine, intra-op threads only wait on each other
-    # (8 s instead of 0.2 s measured under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_balanced_weights_raise_macro_f1_on_a_10_to_1_imbalance(one_thread):
     plain, balanced = train_and_score(None), train_and_score("balanced")
     # Measured: 0.575 unweighted (most of the minority class is predicted as the majority), 0.780 balanced.

@@ -114,15 +114,6 @@ def test_quick_cross_dataset_study_has_a_column_per_dataset_and_budget(tmp_path)
     assert plain["finetune"]["unlabelled"] == "none" and plain["data"]["val_labels_per_class"] is None
 
 
-def test_denoising_pretraining_restates_ssl_pretrain_encoder_widths(script):
-    # Naming conv_autoencoder drops ssl_pretrain.yaml's model options, so the study restates them: they must
-    # stay the ones the finetune's conv_classifier (and every other pretraining) is built with.
-    shipped = yaml.safe_load((REPO / "configs" / "ssl_pretrain.yaml").read_text())["model"]
-    overrides = dict(o.split("=", 1) for o in script.CROSS_PRETRAININGS["denoising"])
-    assert yaml.safe_load(overrides["model.channels"]) == shipped["channels"]
-    assert int(overrides["model.latent"]) == shipped["latent"]
-
-
 def test_quick_denoising_study_finetunes_the_autoencoders_encoder(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run(

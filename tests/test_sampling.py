@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_finetune_config, tiny_pretrain_config, write_yaml
 from ptft.data import DATASETS
 from ptft.data.batches import DeviceBatches
-from test_class_weights import one_thread, train_and_score  # noqa: F401  (one_thread is a fixture)
+from test_class_weights import train_and_score
 from test_imagefolder import save_image
 from test_resume import _assert_bitwise_equal, _final_weights
 
@@ -87,7 +87,7 @@ def test_balanced_never_draws_a_class_the_labels_lack():
     assert set(labels.tolist()) == {0, 2}
 
 
-def test_balanced_sampler_raises_macro_f1_over_random_on_a_10_to_1_imbalance(one_thread):  # noqa: F811
+def test_balanced_sampler_raises_macro_f1_over_random_on_a_10_to_1_imbalance(one_thread):
     plain, balanced = train_and_score(None), train_and_score(None, sampler="balanced")
     # Measured: 0.575 with uniform batches (most of the rare class is predicted as the common one), 0.781 balanced.
     assert balanced > plain + 0.1, (plain, balanced)

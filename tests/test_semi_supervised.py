@@ -328,3 +328,14 @@ def test_shipped_ssl_configs_run_end_to_end_with_only_data_overrides(tmp_path, p
         assert ('"train/mask_rate"' in (tmp_path / name / "metrics.jsonl").read_text()) == (unlabelled != "none")
         metrics = json.loads(ptft("evaluate", finetuned.last_line).last_line)
         assert 0 <= metrics["accuracy"] <= 1
+    # The denoising pretraining hands over the same encoder: a strict load into ssl_finetune.yaml's classifier
+    # fails if its restated widths drift from ssl_pretrain.yaml's.
+    denoised = ptft("pretrain", REPO / "configs" / "ssl_pretrain_denoising.yaml", *overrides, *short,
+                    f"run.dir={tmp_path / 'denoise'}")
+    assert denoised.code == 0, denoised.stderr
+    assert '"val/knn_acc"' in (tmp_path / "denoise" / "metrics.jsonl").read_text()
+    finetuned = ptft("finetune", REPO / "configs" / "ssl_finetune.yaml", *overrides, *short,
+                     f"init.checkpoint={denoised.last_line}", f"run.dir={tmp_path / 'from_denoise'}")
+    assert finetuned.code == 0, finetuned.stderr
+    parent = json.loads((tmp_path / "from_denoise" / "checkpoints" / "last" / "meta.json").read_text())["parent"]
+    assert parent["path"].startswith(str(tmp_path / "denoise"))

@@ -79,6 +79,25 @@ def test_both_run_lengths_in_the_file_or_both_on_the_command_line_are_still_an_e
         assert "train.epochs, train.max_steps" in result.stderr and "set exactly one" in result.stderr
 
 
+# ---- a builder renamed on the command line ----------------------------------------------------
+
+def test_renaming_the_model_on_the_command_line_notes_the_options_it_drops(tmp_path, ptft):
+    # configs/ssl_pretrain_denoising.yaml's first trial: conv_autoencoder over ssl_pretrain.yaml's classifier
+    # silently fell back to the builder's default widths; the note names what went.
+    config = write_yaml(tmp_path / "ft.yaml", tiny_finetune_config(
+        tmp_path / "ft", None, model={"name": "conv_classifier", "channels": [4, 8], "latent": 8}))
+    model = yaml.safe_load(config.read_text())["model"]
+
+    result = ptft("config", config, "model.name=conv_autoencoder", "model.latent=4")
+    assert result.code == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "model.name=conv_autoencoder" in line]
+    assert len(notes) == 1 and "model.channels" in notes[0] and "model.latent" not in notes[0]
+    assert yaml.safe_load(result.stdout)["model"]["latent"] == 4
+
+    for same_or_bare in ("model.name=" + model["name"], "objective.max_shift=0.1"):
+        assert "afresh" not in ptft("config", config, same_or_bare).stderr
+
+
 # ---- model option ranges ----------------------------------------------------------------------
 
 def test_config_refuses_out_of_range_model_options_naming_key_range_and_value(ptft):

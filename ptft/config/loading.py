@@ -181,18 +181,19 @@ def _finish(raw: dict | None, overrides: Sequence[str], default_run_dir: str, so
             problems.extend(Problem((), message) for message in exc.problems)
         else:
             parsed.append(_Override(keys, value, text))
-    cfg, replaced = None, None
+    cfg, notes = None, []
     if raw is not None:
         replaced = _length_from_command_line(raw, parsed)
-        _apply_overrides(raw, parsed)
+        notes = ([replaced] if replaced else []) + _apply_overrides(raw, parsed)
         trust = None if trusted_imports is None else ImportTrust(frozenset(trusted_imports) | _named(parsed))
         cfg = validate_config(raw, default_run_dir, problems, trust)
     if problems:
         raise ConfigError([_render(problem, parsed) for problem in problems], source=source)
-    if replaced:
+    if notes:
         from ptft.console import note  # rich, imported only when there is something to say
 
-        note(replaced)
+        for text in notes:
+            note(text)
     return cfg
 
 
@@ -224,10 +225,20 @@ def _length_from_command_line(raw: dict, overrides: list[_Override]) -> str | No
     return f"{override.text} from the command line replaces the config's train.{other}: {show(dropped)}"
 
 
-def _apply_overrides(raw: dict, overrides: list[_Override]) -> None:
+def _apply_overrides(raw: dict, overrides: list[_Override]) -> list[str]:
+    """Applies the overrides to `raw`; returns a note for each builder rename that dropped the config's options."""
+    notes = []
     for override in overrides:
         section, *rest = override.keys
         if rest == ["name"] and _renames_builder(section, raw.get(section), {"name": override.value}):
+            old = raw.get(section)
+            restated = {o.keys[1] for o in overrides if len(o.keys) > 1 and o.keys[0] == section}
+            dropped = [key for key in old if key != "name" and key not in restated] if isinstance(old, dict) else []
+            if dropped:
+                # By design (options belong to the builder named beside them), but easy to miss: a renamed
+                # model silently falls back to the new builder's default widths.
+                notes.append(f"{override.text} from the command line starts {section} afresh, without the config's "
+                             f"{', '.join(f'{section}.{key}' for key in dropped)}; restate any you want to keep")
             raw[section] = {}
     for override in overrides:
         node = raw
@@ -236,6 +247,7 @@ def _apply_overrides(raw: dict, overrides: list[_Override]) -> None:
                 node[key] = {}
             node = node[key]
         node[override.keys[-1]] = override.value
+    return notes
 
 
 def _render(problem: Problem, overrides: list[_Override]) -> str:

@@ -79,7 +79,9 @@ def configure_backend(device: torch.device, train) -> None:
         # cuBLAS reads this when it creates its handle (the first CUDA matmul, which is later):
         # without it, deterministic cuBLAS calls raise.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        # Only on a change: the call imports torch's compiler stack (1.6 s of every command's start on a CPU).
+        torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
